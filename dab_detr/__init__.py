@@ -1,0 +1,9 @@
+"""DAB-DETR (Dynamic Anchor Boxes are Better Queries for DETR, ICLR 2022) for Detectron2.
+
+Importing the package registers ``DABDETR`` in Detectron2's ``META_ARCH_REGISTRY``.
+"""
+from .config import add_dab_detr_config
+from .modeling import DABDETR
+
+__version__ = "0.1.0"
+__all__ = ["DABDETR", "add_dab_detr_config"]

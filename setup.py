@@ -1,0 +1,24 @@
+"""dab-detr: DAB-DETR (ICLR 2022) as a Detectron2 plugin project."""
+from setuptools import find_packages, setup
+
+setup(
+    name="dab-detr",
+    version="0.1.0",
+    description="DAB-DETR: Dynamic Anchor Boxes are Better Queries for DETR, as a Detectron2 project",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=find_packages(include=["dab_detr", "dab_detr.*"]),
+    # detectron2 is not on PyPI: install it first (tools/setup_env.sh shows one route).
+    install_requires=[
+        "torch>=2.0",
+        "torchvision>=0.15",
+        "fvcore",
+        "iopath",
+        "pycocotools",
+        "scipy",
+        "numpy",
+    ],
+    extras_require={"test": ["pytest", "transformers", "safetensors"]},
+)

@@ -1,0 +1,48 @@
+"""Shared fixtures: small DAB-DETR models and inputs for CPU tests."""
+import pytest
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.structures import Boxes, Instances
+
+MODEL_CONFIG = "configs/common/models/dab_detr_r50.py"
+
+
+def small_model_config(**overrides):
+    """The R50 model config shrunk for fast CPU tests (ResNet-18, d_model 64, 2+2 layers, 12 queries)."""
+    cfg = LazyConfig.load(MODEL_CONFIG).model
+    cfg.backbone.stages.depth = 18
+    cfg.backbone.freeze_at = 0
+    cfg.transformer.update(d_model=64, nhead=8, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=128)
+    cfg.position_embedding.num_pos_feats = 32
+    cfg.num_queries = 12
+    cfg.num_classes = 5
+    for key, value in overrides.items():
+        *path, last = key.split(".")
+        target = cfg
+        for part in path:
+            target = target[part]
+        target[last] = value
+    return cfg
+
+
+def make_inputs(sizes, num_classes=5, seed=0, with_targets=True):
+    """Random 0-255 images of the given (H, W) sizes with two boxes each (one in the last image is empty)."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = []
+    for i, (h, w) in enumerate(sizes):
+        image = torch.randint(0, 256, (3, h, w), generator=g).float()
+        item = {"image": image, "file_name": f"img{i}.jpg"}
+        if with_targets:
+            inst = Instances((h, w))
+            inst.gt_boxes = Boxes(torch.tensor([[0.1 * w, 0.2 * h, 0.6 * w, 0.7 * h],
+                                                [0.5 * w, 0.1 * h, 0.9 * w, 0.4 * h]]))
+            inst.gt_classes = torch.tensor([i % num_classes, (i + 1) % num_classes])
+            item["instances"] = inst
+        inputs.append(item)
+    return inputs
+
+
+@pytest.fixture
+def small_model():
+    torch.manual_seed(0)
+    return instantiate(small_model_config())

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Create .venv in the repository root (when missing) and install everything dab-detr needs.
+#
+# Idempotent: each step first checks whether its result is already there, so a second run with
+# nothing changed installs nothing. Every failure names the step that failed.
+#
+# Why the unusual steps (see README "Install"):
+#   * torch 2.15.0 / torchvision 0.29.2 are the PyPI (CUDA) builds: they also run on CPU-only
+#     machines, whereas there is no CPU build of torchvision on PyPI.
+#   * detectron2 is not on PyPI. `sal-detectron2==0.7.2` is a repackaging of upstream detectron2
+#     (commit a59f0563) whose only wheel is tagged cp310; we download it for 3.10, rename it to a
+#     py3-none-any wheel and install it without its (numpy<2) pins. A detectron2 that already
+#     imports in the venv (for example one built from source) is left alone.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+TORCH_SPEC="torch==2.15.0"
+TORCHVISION_SPEC="torchvision==0.29.2"
+D2_SPEC="sal-detectron2==0.7.2"
+# detectron2's runtime dependencies (installed by hand because its wheel is installed --no-deps)
+D2_DEPS=(fvcore iopath pycocotools omegaconf hydra-core termcolor yacs tabulate cloudpickle
+         tqdm matplotlib tensorboard scipy "Pillow" "numpy")
+TOOLS=("setuptools<81" pytest)
+# test-only: the independent reference implementation (transformers' DAB-DETR and Deformable DETR
+# ports), its weight formats, and real photographs for the parity tests (scikit-image's data)
+TEST_DEPS=("transformers==5.23.0" "safetensors" "scikit-image")
+
+step() { echo "[setup] $*"; }
+fail() { echo "[setup] FAILED at step: $1" >&2; [ $# -gt 1 ] && echo "[setup] $2" >&2; exit 1; }
+
+# 1. virtual environment
+if [ ! -x "$VENV/bin/python" ]; then
+  step "creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV" || fail "create venv" "'$PYTHON -m venv $VENV' failed (is python3-venv installed?)"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install --disable-pip-version-check -q)
+
+have() { "$PY" -c "$1" >/dev/null 2>&1; }
+
+# 2. torch + torchvision
+if ! have "import torch, torchvision, torchvision.ops; assert torch.__version__.startswith('2.15.0') and torchvision.__version__.startswith('0.29.2')"; then
+  step "installing $TORCH_SPEC $TORCHVISION_SPEC (PyPI builds; about 5 GB, 2 minutes)"
+  "${PIP[@]}" "$TORCH_SPEC" "$TORCHVISION_SPEC" || fail "install torch/torchvision" "pip could not install $TORCH_SPEC $TORCHVISION_SPEC"
+fi
+
+# 3. detectron2 dependencies, scientific stack and test tools
+missing=$("$PY" - <<'PYEOF'
+import importlib.util as u
+mods = {"fvcore": "fvcore", "iopath": "iopath", "pycocotools": "pycocotools", "omegaconf": "omegaconf",
+        "hydra": "hydra-core", "termcolor": "termcolor", "yacs": "yacs", "tabulate": "tabulate",
+        "cloudpickle": "cloudpickle", "tqdm": "tqdm", "matplotlib": "matplotlib",
+        "tensorboard": "tensorboard", "scipy": "scipy", "PIL": "Pillow", "numpy": "numpy",
+        "pytest": "pytest", "pkg_resources": "setuptools<81"}
+print(" ".join(sorted({v for k, v in mods.items() if u.find_spec(k) is None})))
+PYEOF
+)
+if [ -n "$missing" ]; then
+  step "installing dependencies: $missing"
+  "${PIP[@]}" "${D2_DEPS[@]}" "${TOOLS[@]}" || fail "install dependencies" "pip could not install: ${D2_DEPS[*]} ${TOOLS[*]}"
+fi
+
+# 3b. test-only dependencies
+if ! have "import transformers, safetensors, skimage; assert transformers.__version__ == '5.23.0'"; then
+  step "installing test dependencies: ${TEST_DEPS[*]}"
+  "${PIP[@]}" "${TEST_DEPS[@]}" || fail "install test dependencies" "pip could not install: ${TEST_DEPS[*]}"
+fi
+
+# 4. detectron2
+if have "import detectron2, detectron2.modeling, detectron2.engine"; then
+  :
+else
+  step "installing detectron2 ($D2_SPEC, repackaged upstream detectron2)"
+  tmp="$(mktemp -d)"
+  "$PY" -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \
+      --python-version 3.10 -d "$tmp" "$D2_SPEC" || fail "download detectron2" "pip download $D2_SPEC failed"
+  whl=$(ls "$tmp"/sal_detectron2-*.whl 2>/dev/null | head -n 1)
+  [ -n "$whl" ] || fail "download detectron2" "no sal_detectron2 wheel in $tmp"
+  cp "$whl" "$tmp/sal_detectron2-0.7.2-py3-none-any.whl"
+  "${PIP[@]}" --no-deps "$tmp/sal_detectron2-0.7.2-py3-none-any.whl" || fail "install detectron2" "pip install of the renamed wheel failed"
+  rm -rf "$tmp"
+  have "import detectron2, detectron2.modeling, detectron2.engine" || fail "import detectron2" "detectron2 installed but does not import: run '$PY -c \"import detectron2.modeling\"' to see why"
+fi
+
+# 5. this project, editable
+if ! have "import dab_detr, os, sys; sys.exit(0 if os.path.realpath(os.path.dirname(dab_detr.__file__)) == os.path.realpath('$ROOT/dab_detr') else 1)"; then
+  step "installing dab_detr (editable)"
+  "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT" || fail "install dab_detr" "pip install -e $ROOT failed"
+fi
+
+have "import dab_detr, detectron2, torchvision" || fail "final import check" "'import dab_detr, detectron2, torchvision' fails in $VENV"
+step "ready: $VENV"
