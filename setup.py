@@ -20,5 +20,8 @@ setup(
         "scipy",
         "numpy",
     ],
-    extras_require={"test": ["pytest", "transformers", "safetensors"]},
+    # the independent reference for the parity tests, its weight formats and real photographs
+    extras_require={
+        "test": ["pytest", "transformers==5.23.0", "timm==1.0.31", "safetensors==0.8.0", "scikit-image==0.26.0"]
+    },
 )

@@ -25,7 +25,8 @@ D2_DEPS=(fvcore iopath pycocotools omegaconf hydra-core termcolor yacs tabulate 
 TOOLS=("setuptools<81" pytest)
 # test-only: the independent reference implementation (transformers' DAB-DETR and Deformable DETR
 # ports), its weight formats, and real photographs for the parity tests (scikit-image's data)
-TEST_DEPS=("transformers==5.23.0" "safetensors" "scikit-image")
+# (timm: transformers' DAB-DETR backbone, which follows torchvision's names and DC5 rule)
+TEST_DEPS=("transformers==5.23.0" "timm==1.0.31" "safetensors==0.8.0" "scikit-image==0.26.0")
 
 step() { echo "[setup] $*"; }
 fail() { echo "[setup] FAILED at step: $1" >&2; [ $# -gt 1 ] && echo "[setup] $2" >&2; exit 1; }
@@ -39,9 +40,27 @@ PY="$VENV/bin/python"
 PIP=("$PY" -m pip install --disable-pip-version-check -q)
 
 have() { "$PY" -c "$1" >/dev/null 2>&1; }
+# version check from package metadata (fast: no import of torch or transformers)
+have_version() { "$PY" -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('$1') == '$2' else 1)" >/dev/null 2>&1; }
+
+# fast path: everything already in place -> one check, nothing installed
+if have "
+import importlib.metadata as m, importlib.util as u, os, sys
+assert m.version('torch') == '2.15.0' and m.version('torchvision') == '0.29.2'
+assert m.version('transformers') == '5.23.0' and m.version('timm') == '1.0.31'
+assert m.version('safetensors') == '0.8.0' and m.version('scikit-image') == '0.26.0'
+for mod in ('fvcore', 'iopath', 'pycocotools', 'omegaconf', 'hydra', 'termcolor', 'yacs', 'tabulate', 'cloudpickle',
+            'tqdm', 'matplotlib', 'tensorboard', 'scipy', 'PIL', 'numpy', 'pytest', 'pkg_resources'):
+    assert u.find_spec(mod) is not None, mod
+import detectron2.modeling, detectron2.engine, torchvision.ops, dab_detr
+assert os.path.realpath(os.path.dirname(dab_detr.__file__)) == os.path.realpath('$ROOT/dab_detr')
+"; then
+  step "ready: $VENV (nothing to install)"
+  exit 0
+fi
 
 # 2. torch + torchvision
-if ! have "import torch, torchvision, torchvision.ops; assert torch.__version__.startswith('2.15.0') and torchvision.__version__.startswith('0.29.2')"; then
+if ! { have_version torch 2.15.0 && have_version torchvision 0.29.2; }; then
   step "installing $TORCH_SPEC $TORCHVISION_SPEC (PyPI builds; about 5 GB, 2 minutes)"
   "${PIP[@]}" "$TORCH_SPEC" "$TORCHVISION_SPEC" || fail "install torch/torchvision" "pip could not install $TORCH_SPEC $TORCHVISION_SPEC"
 fi
@@ -63,15 +82,13 @@ if [ -n "$missing" ]; then
 fi
 
 # 3b. test-only dependencies
-if ! have "import transformers, safetensors, skimage; assert transformers.__version__ == '5.23.0'"; then
+if ! { have_version transformers 5.23.0 && have_version timm 1.0.31 && have_version safetensors 0.8.0 && have_version scikit-image 0.26.0; }; then
   step "installing test dependencies: ${TEST_DEPS[*]}"
   "${PIP[@]}" "${TEST_DEPS[@]}" || fail "install test dependencies" "pip could not install: ${TEST_DEPS[*]}"
 fi
 
 # 4. detectron2
-if have "import detectron2, detectron2.modeling, detectron2.engine"; then
-  :
-else
+if ! have "import detectron2, detectron2.modeling, detectron2.engine"; then
   step "installing detectron2 ($D2_SPEC, repackaged upstream detectron2)"
   tmp="$(mktemp -d)"
   "$PY" -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \

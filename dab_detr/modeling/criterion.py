@@ -77,11 +77,15 @@ class SetCriterion(nn.Module):
             (losses, metrics): losses ``loss_class``, ``loss_bbox``, ``loss_giou`` (scalars);
             metrics ``class_error`` (percent of matched queries whose top class is wrong).
         """
+        # losses in float32 even when the network runs under autocast (fp16 focal terms underflow)
+        pred_logits, pred_boxes = pred_logits.float(), pred_boxes.float()
         indices = self.matcher(pred_logits, pred_boxes, targets)
         batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(pred_logits.device)
         query_idx = torch.cat([q for q, _ in indices]).to(pred_logits.device)
         matched_labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)])
-        matched_tgt_boxes = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)])
+        matched_tgt_boxes = torch.cat(
+            [t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)]
+        ).float()
 
         onehot = torch.zeros_like(pred_logits)
         onehot[batch_idx, query_idx, matched_labels] = 1.0

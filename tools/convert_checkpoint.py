@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Convert a released DAB-DETR checkpoint into one that this project loads.
+
+    python tools/convert_checkpoint.py --source original checkpoint.pth output/dab_detr_r50.pth
+    python tools/convert_checkpoint.py --source hf model.safetensors output/dab_detr_r50_hf.pth
+    python tools/convert_checkpoint.py --source detrex dab_detr_r50_50ep.pth output/dab_detr_r50_detrex.pth
+
+then evaluate with the config it prints, e.g.
+
+    python tools/lazyconfig_train_net.py --config-file configs/dab_detr_r50.py --eval-only \
+        train.init_checkpoint=output/dab_detr_r50.pth
+
+Every tensor of the input is accounted for: unmapped, missing or mis-shaped keys stop the
+conversion with a list of them. ``--config`` additionally checks the result against the model
+that config builds.
+"""
+import argparse
+import sys
+
+from dab_detr.checkpoint import SOURCES, CheckpointError, convert_checkpoint_file
+
+
+def _check_against_config(state_dict, config_file):
+    from detectron2.config import LazyConfig, instantiate
+
+    model = instantiate(LazyConfig.load(config_file).model)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(ours) - set(state_dict))
+    extra = sorted(set(state_dict) - set(ours))
+    wrong = [f"{k}: {tuple(state_dict[k].shape)} vs {ours[k]}" for k in sorted(set(ours) & set(state_dict))
+             if tuple(state_dict[k].shape) != ours[k]]
+    if missing or extra or wrong:
+        raise CheckpointError(f"the converted weights do not fit the model of {config_file}: "
+                              f"missing {missing}, extra {extra}, shape mismatches {wrong}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", required=True, choices=SOURCES,
+                        help="who released the checkpoint: original (IDEA-Research/DAB-DETR), detrex, "
+                             "or hf (transformers' DabDetrForObjectDetection)")
+    parser.add_argument("input", help="checkpoint to convert (.pth, .bin or .safetensors)")
+    parser.add_argument("output", help="where to write the converted checkpoint (.pth)")
+    parser.add_argument("--config", help="optionally check the result against the model this LazyConfig builds")
+    args = parser.parse_args(argv)
+    try:
+        result = convert_checkpoint_file(args.input, None, args.source)
+        if args.config:
+            _check_against_config(result.state_dict, args.config)
+        import torch
+
+        torch.save(result.checkpoint(args.input), args.output)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    v = result.variant
+    print(f"converted {len(result.state_dict)} tensors from {args.input} ({args.source} layout) to {args.output}")
+    for note in result.notes:
+        print(f"  {note}")
+    print(f"model: {v.backbone}, {v.num_queries} queries, {v.num_patterns} patterns, {v.num_classes} classes")
+    print(f"evaluate it with: {result.config}  (train.init_checkpoint={args.output})")
+    if v.dilation is None and v.backbone != "Swin-T":
+        print("  note: DC5 and plain models have the same weights; the config above was chosen from the file "
+              "name. Use a *_dc5* config for DC5 checkpoints.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
