@@ -1,10 +1,23 @@
 """Shared fixtures: small DAB-DETR models and inputs for CPU tests."""
+import importlib.util
+import os
+
 import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances
 
 MODEL_CONFIG = "configs/common/models/dab_detr_r50.py"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_tool(name: str):
+    """A script of tools/ as a module, loaded by path (detectron2's wheel ships a stray top-level
+    ``tools`` package, so ``import tools.x`` would find the wrong one; tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"dab_detr_tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def small_model_config(**overrides):

@@ -10,7 +10,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import MODEL_CONFIG
+from conftest import load_tool, MODEL_CONFIG
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
 from reference_models import (COCO_IDS, original_checkpoint, original_to_detrex, original_to_hf,
@@ -23,17 +23,7 @@ from dab_detr.checkpoint import (CheckpointError, DABDETRCheckpointer, UnsafeChe
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_cli():
-    """tools/convert_checkpoint.py by path (a stray top-level ``tools`` package ships with detectron2)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("convert_checkpoint_cli", os.path.join(REPO, "tools", "convert_checkpoint.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-convert_main = _load_cli()
+convert_main = load_tool("convert_checkpoint").main
 
 
 @pytest.fixture(scope="module")

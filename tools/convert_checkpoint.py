@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         print(f"  {note}")
     print(f"model: {v.backbone}, {v.num_queries} queries, {v.num_patterns} patterns, {v.num_classes} classes")
     print(f"evaluate it with: {result.config}  (train.init_checkpoint={args.output})")
-    if v.dilation is None and v.backbone != "Swin-T":
+    if v.dilation is None and v.backbone in ("R50", "R101"):
         print("  note: DC5 and plain models have the same weights; the config above was chosen from the file "
               "name. Use a *_dc5* config for DC5 checkpoints.")
     return 0

@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .backbone_names import torchvision_to_d2_resnet_name
+from .deformable_convert import convert_deformable_state_dict, deformable_config_for, detect_deformable_source
 from .layout import Variant, dabdetr_shapes, detect_variant, suggest_config
 from .safe_load import CheckpointError, load_checkpoint_file
 
@@ -372,11 +373,64 @@ def _weights_and_hints(obj, source: str, path: str) -> Tuple[Dict, Dict]:
     return weights, hints
 
 
+def _model_shapes(config_file: str, **overrides) -> Dict[str, Tuple[int, ...]]:
+    """Names and shapes of the model a LazyConfig builds (instantiated on the meta device: no memory)."""
+    from detectron2.config import LazyConfig, instantiate
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = LazyConfig.load(os.path.join(root, config_file))
+    cfg.model.update(overrides)
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def convert_deformable_checkpoint(weights: Dict[str, torch.Tensor], source: str, path: str) -> ConversionResult:
+    """Convert a DAB-Deformable-DETR state dict (original v1/v2 or detrex) and check it against its config."""
+    detected = detect_deformable_source(weights)
+    if source != detected:
+        raise CheckpointError(f"{path} is a {detected} DAB-Deformable-DETR checkpoint, but --source is {source}; "
+                              f"use --source {detected}")
+    converted = convert_deformable_state_dict(weights, source)
+    config = deformable_config_for(converted)
+    num_patterns = converted["patterns_embed.weight"].shape[0] if "patterns_embed.weight" in converted else 0
+    num_classes = converted["class_embed.0.bias"].shape[0]
+    num_queries = converted["refpoint_embed.weight"].shape[0] if "refpoint_embed.weight" in converted else 300
+    overrides = {"num_classes": num_classes, "num_patterns": num_patterns, "num_queries": num_queries}
+    expected = _model_shapes(config, **overrides)
+    missing = sorted(set(expected) - set(converted))
+    extra = sorted(set(converted) - set(expected))
+    mismatched = [f"{k}: checkpoint {tuple(converted[k].shape)}, model {expected[k]}"
+                  for k in sorted(set(expected) & set(converted)) if tuple(converted[k].shape) != expected[k]]
+    if missing or extra or mismatched:
+        parts = [f"cannot convert {path} (source {source}, DAB-Deformable-DETR, config {config}):"]
+        if extra:
+            parts.append(f"  {len(extra)} unmapped key(s):{_fmt(extra)}")
+        if missing:
+            parts.append(f"  {len(missing)} missing key(s):{_fmt(missing)}")
+        if mismatched:
+            parts.append(f"  {len(mismatched)} shape mismatch(es):{_fmt(mismatched)}")
+        raise CheckpointError("\n".join(parts))
+    notes = ["91 COCO-id class logits reduced to the 80 contiguous classes"] if source == "original" else []
+    if num_patterns:
+        notes.append(f"{num_patterns} patterns: evaluate with model.num_patterns={num_patterns}")
+    variant = Variant(backbone="R50 DAB-Deformable-DETR", num_queries=num_queries, num_patterns=num_patterns,
+                      num_classes=num_classes)
+    ordered = {k: converted[k].contiguous() for k in expected}
+    return ConversionResult(ordered, variant, config, source, notes)
+
+
 def convert_checkpoint_file(input_path: str, output_path: Optional[str], source: str) -> ConversionResult:
-    """Read ``input_path`` safely, convert it, and (if ``output_path``) write Detectron2's format."""
+    """Read ``input_path`` safely, convert it, and (if ``output_path``) write Detectron2's format.
+
+    DAB-DETR and DAB-Deformable-DETR checkpoints are told apart by their keys.
+    """
     obj = load_checkpoint_file(input_path)
     weights, hints = _weights_and_hints(obj, source, input_path)
-    result = convert_state_dict(weights, source, file_name=os.path.basename(input_path), hints=hints)
+    if detect_deformable_source(weights) is not None:
+        result = convert_deformable_checkpoint(weights, source, input_path)
+    else:
+        result = convert_state_dict(weights, source, file_name=os.path.basename(input_path), hints=hints)
     if output_path:
         os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
         torch.save(result.checkpoint(os.path.basename(input_path)), output_path)

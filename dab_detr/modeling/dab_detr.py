@@ -29,11 +29,117 @@ from .transformer import DABTransformer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DABDETR"]
+__all__ = ["DABDETR", "SetPredictionDetector"]
+
+
+class SetPredictionDetector(nn.Module):
+    """The Detectron2 side shared by DAB-DETR and DAB-Deformable-DETR.
+
+    Batches and normalizes the images, builds the padding mask, calls the subclass's
+    ``predict(images, padding_mask)``, then computes the losses (training) or builds
+    ``Instances`` (inference). Subclasses set ``backbone``, ``criterion``, ``num_classes``,
+    ``aux_loss``, ``select_box_nums_for_evaluation`` and the ``pixel_mean``/``pixel_std`` buffers.
+    """
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def forward(self, batched_inputs: List[Dict]):
+        images = self.preprocess_image(batched_inputs)
+        padding_mask = self.padding_mask(images)
+        outputs = self.predict(images.tensor, padding_mask)
+
+        if self.training:
+            targets = self.prepare_targets(batched_inputs, images)
+            if not self.aux_loss:
+                outputs.pop("aux_outputs")
+            losses, metrics = self.criterion(outputs, targets)
+            self._log_metrics(metrics)
+            return losses
+
+        scores, labels, boxes = select_top_k(
+            outputs["pred_logits"], outputs["pred_boxes"], self.select_box_nums_for_evaluation
+        )
+        results = []
+        for i, (input_per_image, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
+            height = input_per_image.get("height", image_size[0])
+            width = input_per_image.get("width", image_size[1])
+            instances = Instances((height, width))
+            scale = boxes.new_tensor([width, height, width, height])
+            instances.pred_boxes = Boxes(boxes[i] * scale)
+            instances.scores = scores[i]
+            instances.pred_classes = labels[i]
+            results.append({"instances": instances})
+        return results
+
+    # ------------------------------------------------------------------ Detectron2 plumbing
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalize and pad the images into one batch (zero padding at bottom and right)."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images, self.backbone.size_divisibility,
+                                      padding_constraints=self.backbone.padding_constraints)
+
+    @staticmethod
+    def padding_mask(images: ImageList) -> torch.Tensor:
+        """[B, H, W] bool, True on the padding of each image."""
+        batch, _, height, width = images.tensor.shape
+        mask = torch.ones(batch, height, width, dtype=torch.bool, device=images.tensor.device)
+        for i, (h, w) in enumerate(images.image_sizes):
+            mask[i, :h, :w] = False
+        return mask
+
+    def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
+        """Ground truth as normalized (cx, cy, w, h) boxes and 0-based labels.
+
+        Boxes are clipped to the image; boxes that are empty after clipping (zero width or
+        height, or entirely outside the image) are dropped with a warning, so they never reach
+        the loss (where a zero-size box would make no sense). Non-finite coordinates and class
+        ids outside [0, num_classes) raise a ``ValueError`` naming the image.
+        """
+        targets = []
+        for x, (h, w) in zip(batched_inputs, images.image_sizes):
+            name = x.get("file_name", x.get("image_id", "<unnamed image>"))
+            if "instances" not in x:
+                raise ValueError(f"{type(self).__name__}: training input {name} has no 'instances' (ground truth)")
+            inst = x["instances"].to(self.device)
+            boxes = inst.gt_boxes.tensor
+            if not torch.isfinite(boxes).all():
+                raise ValueError(f"{type(self).__name__}: image {name} has non-finite ground-truth box coordinates: {boxes.tolist()}")
+            labels = inst.gt_classes
+            bad = (labels < 0) | (labels >= self.num_classes)
+            if bad.any():
+                raise ValueError(
+                    f"{type(self).__name__}: image {name} has class ids {labels[bad].tolist()} outside [0, {self.num_classes}); "
+                    f"the model was built with num_classes={self.num_classes}"
+                )
+            boxes = Boxes(boxes.clone())
+            boxes.clip((h, w))
+            keep = boxes.nonempty(threshold=0.0)
+            if not keep.all():
+                logger.warning(
+                    "%s: dropped %d empty ground-truth box(es) (zero size or outside the image) in %s",
+                    type(self).__name__, int((~keep).sum()), name,
+                )
+            scale = boxes.tensor.new_tensor([w, h, w, h])
+            targets.append({
+                "labels": labels[keep],
+                "boxes": box_convert(boxes.tensor[keep] / scale, "xyxy", "cxcywh"),
+            })
+        return targets
+
+    @staticmethod
+    def _log_metrics(metrics: Dict):
+        try:
+            storage = get_event_storage()
+        except AssertionError:  # called outside a trainer (no EventStorage): nothing to log to
+            return
+        for name, value in metrics.items():
+            storage.put_scalar(name, float(value))
 
 
 @META_ARCH_REGISTRY.register()
-class DABDETR(nn.Module):
+class DABDETR(SetPredictionDetector):
     """DAB-DETR: DETR whose decoder queries are dynamic anchor boxes refined layer by layer.
 
     Input (Detectron2's contract): a list of dicts, one per image, with ``image`` [C, H, W] in
@@ -153,10 +259,6 @@ class DABDETR(nn.Module):
             "input_format": cfg.INPUT.FORMAT,
         }
 
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
-
     # ------------------------------------------------------------------ core
     def predict(self, images: torch.Tensor, padding_mask: torch.Tensor) -> Dict:
         """Run the network on a normalized, padded batch.
@@ -184,95 +286,3 @@ class DABDETR(nn.Module):
             "pred_boxes": boxes[-1],
             "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])],
         }
-
-    def forward(self, batched_inputs: List[Dict]):
-        images = self.preprocess_image(batched_inputs)
-        padding_mask = self.padding_mask(images)
-        outputs = self.predict(images.tensor, padding_mask)
-
-        if self.training:
-            targets = self.prepare_targets(batched_inputs, images)
-            if not self.aux_loss:
-                outputs.pop("aux_outputs")
-            losses, metrics = self.criterion(outputs, targets)
-            self._log_metrics(metrics)
-            return losses
-
-        scores, labels, boxes = select_top_k(
-            outputs["pred_logits"], outputs["pred_boxes"], self.select_box_nums_for_evaluation
-        )
-        results = []
-        for i, (input_per_image, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
-            height = input_per_image.get("height", image_size[0])
-            width = input_per_image.get("width", image_size[1])
-            instances = Instances((height, width))
-            scale = boxes.new_tensor([width, height, width, height])
-            instances.pred_boxes = Boxes(boxes[i] * scale)
-            instances.scores = scores[i]
-            instances.pred_classes = labels[i]
-            results.append({"instances": instances})
-        return results
-
-    # ------------------------------------------------------------------ Detectron2 plumbing
-    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
-        """Normalize and pad the images into one batch (zero padding at bottom and right)."""
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        return ImageList.from_tensors(images, self.backbone.size_divisibility,
-                                      padding_constraints=self.backbone.padding_constraints)
-
-    @staticmethod
-    def padding_mask(images: ImageList) -> torch.Tensor:
-        """[B, H, W] bool, True on the padding of each image."""
-        batch, _, height, width = images.tensor.shape
-        mask = torch.ones(batch, height, width, dtype=torch.bool, device=images.tensor.device)
-        for i, (h, w) in enumerate(images.image_sizes):
-            mask[i, :h, :w] = False
-        return mask
-
-    def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
-        """Ground truth as normalized (cx, cy, w, h) boxes and 0-based labels.
-
-        Boxes are clipped to the image; boxes that are empty after clipping (zero width or
-        height, or entirely outside the image) are dropped with a warning, so they never reach
-        the loss (where a zero-size box would make no sense). Non-finite coordinates and class
-        ids outside [0, num_classes) raise a ``ValueError`` naming the image.
-        """
-        targets = []
-        for x, (h, w) in zip(batched_inputs, images.image_sizes):
-            name = x.get("file_name", x.get("image_id", "<unnamed image>"))
-            if "instances" not in x:
-                raise ValueError(f"DABDETR: training input {name} has no 'instances' (ground truth)")
-            inst = x["instances"].to(self.device)
-            boxes = inst.gt_boxes.tensor
-            if not torch.isfinite(boxes).all():
-                raise ValueError(f"DABDETR: image {name} has non-finite ground-truth box coordinates: {boxes.tolist()}")
-            labels = inst.gt_classes
-            bad = (labels < 0) | (labels >= self.num_classes)
-            if bad.any():
-                raise ValueError(
-                    f"DABDETR: image {name} has class ids {labels[bad].tolist()} outside [0, {self.num_classes}); "
-                    f"the model was built with num_classes={self.num_classes}"
-                )
-            boxes = Boxes(boxes.clone())
-            boxes.clip((h, w))
-            keep = boxes.nonempty(threshold=0.0)
-            if not keep.all():
-                logger.warning(
-                    "DABDETR: dropped %d empty ground-truth box(es) (zero size or outside the image) in %s",
-                    int((~keep).sum()), name,
-                )
-            scale = boxes.tensor.new_tensor([w, h, w, h])
-            targets.append({
-                "labels": labels[keep],
-                "boxes": box_convert(boxes.tensor[keep] / scale, "xyxy", "cxcywh"),
-            })
-        return targets
-
-    @staticmethod
-    def _log_metrics(metrics: Dict):
-        try:
-            storage = get_event_storage()
-        except AssertionError:  # called outside a trainer (no EventStorage): nothing to log to
-            return
-        for name, value in metrics.items():
-            storage.put_scalar(name, float(value))
