@@ -1,0 +1,158 @@
+"""Detectron2's ``DefaultTrainer``, driven by a LazyConfig instead of yacs keys.
+
+The LazyConfig has the five standard names: ``model``, ``dataloader`` (``train``, ``test``,
+``evaluator``), ``optimizer`` (its ``params.model`` is filled in here), ``lr_multiplier`` and
+``train``. ``train`` holds, besides Detectron2's usual keys (``output_dir``, ``init_checkpoint``,
+``max_iter``, ``eval_period``, ``log_period``, ``checkpointer``, ``ddp``, ``device``):
+
+- ``amp.enabled``: mixed precision (fp16 + gradient scaler on CUDA);
+- ``clip_grad.max_norm``: L2 gradient clipping of each optimizer step (0 disables);
+- ``grad_accumulation_steps``: optimizer steps accumulate this many data-loader batches
+  (the effective batch is ``dataloader.train.total_batch_size * grad_accumulation_steps``);
+- ``model_ema.enabled`` / ``decay`` / ``warmup``: an EMA of the weights, used for evaluation,
+  saved in checkpoints and restored by ``--resume``.
+"""
+import logging
+import os
+import weakref
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from detectron2.config import instantiate
+from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model, hooks
+from detectron2.engine.defaults import default_writers
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+
+from ..checkpoint import DABDETRCheckpointer
+from .ema import EMAHook, ModelEMA
+from .train_loop import DETRTrainLoop
+
+__all__ = ["LazyConfigTrainer", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(requested) -> str:
+    """``train.device``: "cuda", "cpu", or None/"auto" (CUDA when available)."""
+    if requested in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(requested).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={requested!r} but no CUDA device is available; "
+                           "use train.device=cpu (or auto)")
+    return str(requested)
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class LazyConfigTrainer(DefaultTrainer):
+    """``DefaultTrainer`` for LazyConfigs (see the module docstring for the ``train`` keys)."""
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)  # DefaultTrainer.__init__ reads yacs keys: build our own
+        train = cfg.train
+        self.device = resolve_device(train.get("device", None))
+        model = self.build_model(cfg)
+        cfg.optimizer.params.model = model
+        optimizer = instantiate(cfg.optimizer)
+        data_loader = self.build_train_loader(cfg)
+
+        self.ema = ModelEMA(model, **{k: v for k, v in train.model_ema.items() if k != "enabled"}) \
+            if train.get("model_ema", {}).get("enabled", False) else None
+        ddp_model = create_ddp_model(model, **train.get("ddp", {}))
+        self._trainer = DETRTrainLoop(
+            ddp_model, data_loader, optimizer,
+            grad_accumulation_steps=train.get("grad_accumulation_steps", 1),
+            clip_grad_max_norm=train.get("clip_grad", {}).get("max_norm", 0.0)
+            if train.get("clip_grad", {}).get("enabled", True) else 0.0,
+            amp=train.get("amp", {}).get("enabled", False),
+        )
+        self.scheduler = instantiate(cfg.lr_multiplier)
+        self.checkpointer = DABDETRCheckpointer(
+            model, train.output_dir, trainer=weakref.proxy(self),
+        )
+        if self.ema is not None:
+            self.checkpointer.add_checkpointable("model_ema", self.ema)
+        self.start_iter = 0
+        self.max_iter = train.max_iter
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    # ----------------------------------------------------------------- builders
+    def build_model(self, cfg):
+        model = instantiate(cfg.model).to(self.device)
+        logger.info("Model:\n%s", model)
+        return model
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return instantiate(cfg.dataloader.train)
+
+    def build_hooks(self):
+        train = self.cfg.train
+        ret = [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=self.scheduler),
+        ]
+        if self.ema is not None:
+            ret.append(EMAHook(self.ema, _unwrap(self.model)))
+        if comm.is_main_process():
+            ret.append(hooks.PeriodicCheckpointer(self.checkpointer, **train.checkpointer))
+        if train.get("eval_period", 0) > 0 and "test" in self.cfg.dataloader:
+            ret.append(hooks.EvalHook(train.eval_period, self._evaluate))
+        if comm.is_main_process():
+            ret.append(hooks.PeriodicWriter(default_writers(train.output_dir, self.max_iter),
+                                            period=train.get("log_period", 20)))
+        return ret
+
+    def train(self):
+        """Run training; returns the last evaluation results (``DefaultTrainer.train`` reads yacs keys)."""
+        TrainerBase.train(self, self.start_iter, self.max_iter)
+        return getattr(self, "_last_eval_results", {})
+
+    def _evaluate(self):
+        self._last_eval_results = self.test(self.cfg, _unwrap(self.model), ema=self.ema)
+        return self._last_eval_results
+
+    def resume_or_load(self, resume=True):
+        """Load ``train.init_checkpoint`` (weights only), or with ``resume`` the last checkpoint
+        of ``train.output_dir`` with its optimizer, scheduler, iteration and EMA."""
+        self.checkpointer.resume_or_load(self.cfg.train.init_checkpoint, resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            self.start_iter = self.iter + 1
+
+    @property
+    def model(self):
+        return self._trainer.model
+
+    # ----------------------------------------------------------------- evaluation
+    @classmethod
+    def test(cls, cfg, model, evaluators=None, ema=None):
+        """Evaluate ``model`` (with the EMA weights if given) on ``dataloader.test`` with
+        ``dataloader.evaluator``. Returns the metrics dict (empty without a test set)."""
+        if "test" not in cfg.dataloader:
+            return {}
+        model = _unwrap(model)
+        evaluator = evaluators if evaluators is not None else instantiate(cfg.dataloader.evaluator)
+        data_loader = instantiate(cfg.dataloader.test)
+        if ema is not None:
+            with ema.apply_to(model):
+                results = inference_on_dataset(model, data_loader, evaluator)
+        else:
+            results = inference_on_dataset(model, data_loader, evaluator)
+        if comm.is_main_process() and results:
+            print_csv_format(results)
+        return results
+
+
+def write_config(cfg, output_dir: str) -> str:
+    """Save the resolved config next to the checkpoints (``config.yaml``); returns its path."""
+    from detectron2.config import LazyConfig
+
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "config.yaml")
+    LazyConfig.save(cfg, path)
+    return path

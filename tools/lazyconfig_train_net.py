@@ -1,0 +1,57 @@
+#!/usr/bin/env python
+"""Train or evaluate DAB-DETR with a LazyConfig, on one or many GPUs/machines (or CPU processes).
+
+    python tools/lazyconfig_train_net.py --config-file configs/dab_detr_r50.py --num-gpus 8
+    python tools/lazyconfig_train_net.py --config-file configs/dab_detr_r50.py --eval-only \\
+        train.init_checkpoint=output/dab_detr_r50.pth
+    python tools/lazyconfig_train_net.py --config-file configs/dab_detr_r50.py --num-gpus 8 --resume
+
+Multi-machine: add ``--num-machines N --machine-rank R --dist-url tcp://HOST:PORT`` on every
+machine. Without a GPU, ``--num-gpus K`` starts K CPU processes (gloo backend). Any config key
+can be overridden with ``key=value`` (e.g. ``train.max_iter=1000 dataloader.train.total_batch_size=8``).
+The trainer lives in ``dab_detr.engine``; this script only parses arguments and launches.
+"""
+import logging
+
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
+
+from dab_detr.checkpoint import DABDETRCheckpointer
+from dab_detr.engine import LazyConfigTrainer, ModelEMA, resolve_device
+
+logger = logging.getLogger("dab_detr")
+
+
+def evaluate(cfg):
+    """``--eval-only``: load ``train.init_checkpoint`` (and its EMA weights when the config
+    enables EMA) and evaluate on ``dataloader.test``."""
+    model = instantiate(cfg.model).to(resolve_device(cfg.train.get("device", None)))
+    extra = DABDETRCheckpointer(model).load(cfg.train.init_checkpoint)
+    ema = None
+    if cfg.train.get("model_ema", {}).get("enabled", False) and "model_ema" in (extra or {}):
+        ema = ModelEMA(model)
+        ema.load_state_dict(extra["model_ema"])
+        logger.info("Evaluating the EMA weights of %s", cfg.train.init_checkpoint)
+    return LazyConfigTrainer.test(cfg, model, ema=ema)
+
+
+def main(args):
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    default_setup(cfg, args)
+    if args.eval_only:
+        if not cfg.train.init_checkpoint:
+            raise SystemExit("--eval-only needs weights: add train.init_checkpoint=/path/to/model.pth")
+        return evaluate(cfg)
+    trainer = LazyConfigTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    results = trainer.train()
+    if comm.is_main_process():
+        logger.info("Checkpoints and metrics are in %s", cfg.train.output_dir)
+    return results
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
