@@ -62,7 +62,11 @@ class LazyConfigTrainer(DefaultTrainer):
 
         self.ema = ModelEMA(model, **{k: v for k, v in train.model_ema.items() if k != "enabled"}) \
             if train.get("model_ema", {}).get("enabled", False) else None
-        ddp_model = create_ddp_model(model, **train.get("ddp", {}))
+        ddp_kwargs = dict(train.get("ddp", {}))
+        if not self.device.startswith("cuda"):
+            # CPU processes (gloo): DDP takes no device ids (create_ddp_model would pass the rank)
+            ddp_kwargs.setdefault("device_ids", None)
+        ddp_model = create_ddp_model(model, **ddp_kwargs)
         self._trainer = DETRTrainLoop(
             ddp_model, data_loader, optimizer,
             grad_accumulation_steps=train.get("grad_accumulation_steps", 1),
