@@ -19,6 +19,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, register_coco_instances
 from detectron2.structures import BoxMode
 
+from dab_detr.data.register import register_coco_detection
 from dab_detr.data import demo_dataset
 from dab_detr.data.dataset_checks import check_dataset_dicts, load_checked_dataset_dicts
 from dab_detr.data.detr_dataset_mapper import DetrDatasetMapper
@@ -186,11 +187,9 @@ def test_degenerate_box_dropped_with_warning_naming_image_and_annotation(tmp_pat
     images = [[(1, [8, 8, 20, 20]), (2, [10, 10, 0, 12]), (3, [5, 5, 6, -3])],
               [(2, [4, 30, 40, 10])]]
     json_path, image_root = write_coco_dataset(tmp_path, images)
-    # registered with the annotation ids kept, so the message names them
-    name = f"tiny_ids_{uuid.uuid4().hex[:8]}"
-    DatasetCatalog.register(name, lambda: load_coco_json(json_path, image_root, name,
-                                                         extra_annotation_keys=["id"]))
-    MetadataCatalog.get(name).set(json_file=json_path, image_root=image_root)
+    # registered with register_coco_detection, which keeps the annotation ids: the message names them
+    name = register_coco_detection(f"tiny_ids_{uuid.uuid4().hex[:8]}", json_path, image_root)
+    assert register_coco_detection(name, json_path, image_root) == name  # idempotent
     dicts = load_checked_dataset_dicts(name)
     assert [len(d["annotations"]) for d in dicts] == [1, 1]
     assert dicts[0]["annotations"][0]["bbox"] == [8, 8, 20, 20]

@@ -55,7 +55,7 @@ def main():
     parser.add_argument("--config-file", default="configs/dab_detr_demo.py")
     parser.add_argument("--eval-only", action="store_true", help="skip training; use output_dir/model_final.pth")
     parser.add_argument("--num-images", type=int, default=6, help="validation images to draw")
-    parser.add_argument("--score-threshold", type=float, default=0.5)
+    parser.add_argument("--score-threshold", type=float, default=0.3, help="draw detections scoring at least this")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     args = parser.parse_args()
 

@@ -20,8 +20,9 @@ TORCH_SPEC="torch==2.15.0"
 TORCHVISION_SPEC="torchvision==0.29.2"
 D2_SPEC="sal-detectron2==0.7.2"
 # detectron2's runtime dependencies (installed by hand because its wheel is installed --no-deps)
+# (opencv: Detectron2's Visualizer, which draws the demo's predictions)
 D2_DEPS=(fvcore iopath pycocotools omegaconf hydra-core termcolor yacs tabulate cloudpickle
-         tqdm matplotlib tensorboard scipy "Pillow" "numpy")
+         tqdm matplotlib tensorboard scipy "Pillow" "numpy" opencv-python-headless)
 TOOLS=("setuptools<81" pytest)
 # test-only: the independent reference implementation (transformers' DAB-DETR and Deformable DETR
 # ports), its weight formats, and real photographs for the parity tests (scikit-image's data)
@@ -50,7 +51,7 @@ assert m.version('torch') == '2.15.0' and m.version('torchvision') == '0.29.2'
 assert m.version('transformers') == '5.23.0' and m.version('timm') == '1.0.31'
 assert m.version('safetensors') == '0.8.0' and m.version('scikit-image') == '0.26.0'
 for mod in ('fvcore', 'iopath', 'pycocotools', 'omegaconf', 'hydra', 'termcolor', 'yacs', 'tabulate', 'cloudpickle',
-            'tqdm', 'matplotlib', 'tensorboard', 'scipy', 'PIL', 'numpy', 'pytest', 'pkg_resources'):
+            'tqdm', 'matplotlib', 'tensorboard', 'scipy', 'PIL', 'numpy', 'pytest', 'pkg_resources', 'cv2'):
     assert u.find_spec(mod) is not None, mod
 import detectron2.modeling, detectron2.engine, torchvision.ops, dab_detr
 assert os.path.realpath(os.path.dirname(dab_detr.__file__)) == os.path.realpath('$ROOT/dab_detr')
@@ -72,7 +73,7 @@ mods = {"fvcore": "fvcore", "iopath": "iopath", "pycocotools": "pycocotools", "o
         "hydra": "hydra-core", "termcolor": "termcolor", "yacs": "yacs", "tabulate": "tabulate",
         "cloudpickle": "cloudpickle", "tqdm": "tqdm", "matplotlib": "matplotlib",
         "tensorboard": "tensorboard", "scipy": "scipy", "PIL": "Pillow", "numpy": "numpy",
-        "pytest": "pytest", "pkg_resources": "setuptools<81"}
+        "pytest": "pytest", "pkg_resources": "setuptools<81", "cv2": "opencv-python-headless"}
 print(" ".join(sorted({v for k, v in mods.items() if u.find_spec(k) is None})))
 PYEOF
 )

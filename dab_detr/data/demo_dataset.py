@@ -1,7 +1,7 @@
 """A small synthetic detection dataset for the CPU demo, generated deterministically on first use.
 
 Each image shows a few objects of 4 classes (rectangle, ellipse, triangle, cross) whose sizes span
-an order of magnitude (about 8 to 110 px on a ~160 px image) and whose aspect ratios range from 1:4
+a factor of 7 (16 to 112 px on a ~160 px image) and whose aspect ratios range from 1:4
 to 4:1, on a cluttered background (smooth colour noise, grey strokes and grey blobs that are not
 objects). Widely varying box widths and heights are what DAB-DETR's width/height-modulated
 cross-attention is for. Class is shape; each class also has its own hue range (jittered), so that a
@@ -38,10 +38,10 @@ logger = logging.getLogger(__name__)
 DEMO_CLASSES = ["rectangle", "ellipse", "triangle", "cross"]
 # hue centre (degrees) per class; objects get hue +- 20, saturation 0.6..1, value 0.6..1
 _CLASS_HUES = [0.0, 120.0, 230.0, 50.0]
-_VERSION = 1
+_VERSION = 2
 _SPLITS = {"train": (1600, 1), "val": (200, 2)}  # name: (number of images, seed)
 _IMAGE_SIZES = [(160, 160), (192, 160), (160, 192), (176, 144), (144, 176)]  # (width, height)
-_MIN_SIDE, _MAX_SIDE = 8.0, 110.0  # object size sqrt(w*h) in px, log-uniform
+_MIN_SIDE, _MAX_SIDE = 16.0, 112.0  # object size sqrt(w*h) in px, log-uniform (7x range)
 _MAX_ASPECT = 4.0  # w/h log-uniform in [1/4, 4]
 
 
