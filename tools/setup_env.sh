@@ -40,9 +40,11 @@ fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip install --disable-pip-version-check -q)
 
-have() { "$PY" -c "$1" >/dev/null 2>&1; }
+# checks run from / : from the repository root, `import dab_detr` would find the source folder
+# through the current directory and hide a missing install
+have() { (cd / && "$PY" -c "$1") >/dev/null 2>&1; }
 # version check from package metadata (fast: no import of torch or transformers)
-have_version() { "$PY" -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('$1') == '$2' else 1)" >/dev/null 2>&1; }
+have_version() { (cd / && "$PY" -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('$1') == '$2' else 1)") >/dev/null 2>&1; }
 
 # fast path: everything already in place -> one check, nothing installed
 if have "

@@ -36,9 +36,12 @@ _SOURCES = ("original", "detrex")
 
 def detect_deformable_source(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
     """``"original"`` or ``"detrex"`` for a DAB-Deformable-DETR state dict, else ``None``."""
-    if "transformer.level_embed" in state_dict and any(k.startswith("backbone.0.body.") for k in state_dict):
+    # every deformable attention layer has sampling offsets; plain DAB-DETR has none
+    if not any(".sampling_offsets." in k for k in state_dict):
+        return None
+    if any(k.startswith("backbone.0.body.") for k in state_dict):
         return "original"
-    if "transformer.level_embeds" in state_dict and any(k.startswith("neck.") for k in state_dict):
+    if any(k.startswith("neck.") for k in state_dict):
         return "detrex"
     return None
 
