@@ -209,3 +209,33 @@ def test_two_cpu_processes_match_one_process_at_the_same_total_batch(tmp_path):
     moved = max((one["model"][k] - one_first["model"][k]).abs().max().item() for k in one["model"]
                 if one["model"][k].dtype.is_floating_point)
     assert moved > 1e-3
+
+
+def test_eval_only_uses_the_ema_weights_of_a_checkpoint(tmp_path):
+    cfg, config_path = _config(tmp_path, **{"train.max_iter": 2, "lr_multiplier.milestones": "[1]",
+                                            "train.model_ema.enabled": True, "train.model_ema.decay": 0.5,
+                                            "train.model_ema.warmup": 0})
+    trainer = LazyConfigTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    checkpoint = os.path.join(cfg.train.output_dir, "model_final.pth")
+    saved = _load(checkpoint)
+
+    def scores(output_dir):
+        with open(os.path.join(output_dir, "coco_instances_results.json")) as f:
+            return [d["score"] for d in json.load(f)]
+
+    # reference: a model holding the EMA shadow weights, and one holding the raw weights
+    for name, weights in (("ema", saved["model_ema"]["shadow"]), ("raw", saved["model"])):
+        model = instantiate(cfg.model)
+        model.load_state_dict(weights, strict=False)
+        cfg.train.output_dir = str(tmp_path / name)
+        LazyConfigTrainer.test(cfg, model.eval())
+
+    tool = load_tool("lazyconfig_train_net")
+    launched_dir = str(tmp_path / "launched")
+    tool.main(_launcher_args(config_path, f"train.init_checkpoint={checkpoint}", f"train.output_dir={launched_dir}",
+                             "train.model_ema.enabled=True", eval_only=True))
+    launched = scores(launched_dir)
+    assert launched == pytest.approx(scores(str(tmp_path / "ema")), abs=1e-6)
+    assert launched != pytest.approx(scores(str(tmp_path / "raw")), abs=1e-6)
