@@ -41,11 +41,17 @@ def add_dab_detr_config(cfg: CN) -> CN:
     c.FOCAL_ALPHA = 0.25
     c.FOCAL_GAMMA = 2.0
     c.NUM_SELECT = 300
+    set_original_backbone_defaults(cfg, out_features=["res5"])
+    return cfg
 
+
+def set_original_backbone_defaults(cfg: CN, out_features) -> CN:
+    """The original's backbone and input: torchvision-style ResNet-50 (stride in the 3x3 conv),
+    frozen BN, stem and res2 frozen, the given outputs; RGB with ImageNet mean/std (0-255)."""
     cfg.MODEL.BACKBONE.NAME = "build_resnet_backbone"
     cfg.MODEL.BACKBONE.FREEZE_AT = 2
     cfg.MODEL.RESNETS.DEPTH = 50
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]
+    cfg.MODEL.RESNETS.OUT_FEATURES = list(out_features)
     cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
     cfg.MODEL.RESNETS.NORM = "FrozenBN"
     cfg.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]

@@ -20,12 +20,12 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
-from detectron2.utils.env import seed_all_rng
+from detectron2.engine import default_setup
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
 from dab_detr.checkpoint import DABDETRCheckpointer
-from dab_detr.engine import LazyConfigTrainer, write_config
+from dab_detr.engine import LazyConfigTrainer
 
 logger = logging.getLogger("dab_detr.demo")
 
@@ -61,13 +61,8 @@ def main():
 
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     out = cfg.train.output_dir
-    os.makedirs(out, exist_ok=True)
-    setup_logger(out, name="detectron2")
+    default_setup(cfg, args)  # loggers, seed, config.yaml in the output folder
     setup_logger(out, name="dab_detr")
-    setup_logger(out, name="fvcore")
-    seed_all_rng(cfg.train.seed if cfg.train.seed >= 0 else None)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    write_config(cfg, out)
 
     start = time.perf_counter()
     if args.eval_only:

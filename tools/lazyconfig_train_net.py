@@ -16,6 +16,7 @@ import logging
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from dab_detr.checkpoint import DABDETRCheckpointer
 from dab_detr.engine import LazyConfigTrainer, ModelEMA, resolve_device
@@ -39,6 +40,7 @@ def evaluate(cfg):
 def main(args):
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     default_setup(cfg, args)
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="dab_detr")
     if args.eval_only:
         if not cfg.train.init_checkpoint:
             raise SystemExit("--eval-only needs weights: add train.init_checkpoint=/path/to/model.pth")

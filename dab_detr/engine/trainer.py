@@ -13,7 +13,6 @@ The LazyConfig has the five standard names: ``model``, ``dataloader`` (``train``
   saved in checkpoints and restored by ``--resume``.
 """
 import logging
-import os
 import weakref
 
 import torch
@@ -151,12 +150,3 @@ class LazyConfigTrainer(DefaultTrainer):
             print_csv_format(results)
         return results
 
-
-def write_config(cfg, output_dir: str) -> str:
-    """Save the resolved config next to the checkpoints (``config.yaml``); returns its path."""
-    from detectron2.config import LazyConfig
-
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "config.yaml")
-    LazyConfig.save(cfg, path)
-    return path

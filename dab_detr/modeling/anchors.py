@@ -32,10 +32,6 @@ class AnchorBoxes(nn.Module):
         else:
             self.weight = nn.Parameter(init)
 
-    @property
-    def num_queries(self) -> int:
-        return self().shape[0]
-
     def forward(self) -> torch.Tensor:
         """-> [Q, 4] anchors in logit space."""
         if self.freeze_xy:

@@ -4,6 +4,8 @@ LazyConfig users do not need this: see ``configs/common/models/dab_deformable_de
 """
 from detectron2.config import CfgNode as CN
 
+from ...config import set_original_backbone_defaults
+
 
 def add_dab_deformable_detr_config(cfg: CN) -> CN:
     """Add ``cfg.MODEL.DAB_DEFORMABLE_DETR`` and set the backbone/input defaults of the original.
@@ -40,14 +42,5 @@ def add_dab_deformable_detr_config(cfg: CN) -> CN:
     c.COST_BBOX = 5.0
     c.COST_GIOU = 2.0
     c.NUM_SELECT = 100
-
-    cfg.MODEL.BACKBONE.NAME = "build_resnet_backbone"
-    cfg.MODEL.BACKBONE.FREEZE_AT = 2
-    cfg.MODEL.RESNETS.DEPTH = 50
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
-    cfg.MODEL.RESNETS.NORM = "FrozenBN"
-    cfg.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
-    cfg.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
-    cfg.INPUT.FORMAT = "RGB"
+    set_original_backbone_defaults(cfg, out_features=["res3", "res4", "res5"])
     return cfg
