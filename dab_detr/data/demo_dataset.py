@@ -43,6 +43,7 @@ _SPLITS = {"train": (1600, 1), "val": (200, 2)}  # name: (number of images, seed
 _IMAGE_SIZES = [(160, 160), (192, 160), (160, 192), (176, 144), (144, 176)]  # (width, height)
 _MIN_SIDE, _MAX_SIDE = 16.0, 112.0  # object size sqrt(w*h) in px, log-uniform (7x range)
 _MAX_ASPECT = 4.0  # w/h log-uniform in [1/4, 4]
+_NUM_OBJECTS = (1, 6)  # objects per image, uniform (fewer when they do not fit)
 
 
 def demo_dataset_root() -> str:
@@ -109,7 +110,7 @@ def render_demo_image(seed: int) -> Tuple[Image.Image, List[Dict]]:
     image = _background(rng, width, height)
     draw = ImageDraw.Draw(image)
     objects: List[Dict] = []
-    for _ in range(rng.randint(1, 7)):  # 1..6 objects
+    for _ in range(rng.randint(_NUM_OBJECTS[0], _NUM_OBJECTS[1] + 1)):
         for _attempt in range(20):
             side = np.exp(rng.uniform(np.log(_MIN_SIDE), np.log(_MAX_SIDE)))
             aspect = np.exp(rng.uniform(-np.log(_MAX_ASPECT), np.log(_MAX_ASPECT)))
