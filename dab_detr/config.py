@@ -32,6 +32,15 @@ def add_dab_detr_config(cfg: CN) -> CN:
     c.PE_TEMPERATURE_H = 20.0
     c.PE_TEMPERATURE_W = 20.0
     c.AUX_LOSS = True
+    add_set_loss_config(c)
+    c.NUM_SELECT = 300
+    set_original_backbone_defaults(cfg, out_features=["res5"])
+    return cfg
+
+
+def add_set_loss_config(c: CN) -> CN:
+    """The loss weights and matching costs of both detectors (the originals'), read by
+    ``dab_detr.modeling.criterion_from_config``."""
     c.CLASS_WEIGHT = 1.0
     c.BBOX_WEIGHT = 5.0
     c.GIOU_WEIGHT = 2.0
@@ -40,9 +49,7 @@ def add_dab_detr_config(cfg: CN) -> CN:
     c.COST_GIOU = 2.0
     c.FOCAL_ALPHA = 0.25
     c.FOCAL_GAMMA = 2.0
-    c.NUM_SELECT = 300
-    set_original_backbone_defaults(cfg, out_features=["res5"])
-    return cfg
+    return c
 
 
 def set_original_backbone_defaults(cfg: CN, out_features) -> CN:

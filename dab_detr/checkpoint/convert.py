@@ -316,27 +316,38 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], source: str, *, file
         if unused:
             notes.append(f"dropped the output norms of the unused Swin stages p0-p2: {', '.join(origin[k] for k in unused)}")
     expected = dabdetr_shapes(variant)
-
-    extra = sorted(set(renamed) - set(expected))
-    unmapped += [f"{origin[k]} (-> {k}, which our model does not have)" for k in extra]
-    missing = sorted(set(expected) - set(renamed))
-    mismatched = [f"{origin[k]} -> {k}: checkpoint {tuple(renamed[k].shape)}, model {expected[k]}"
-                  for k in sorted(set(expected) & set(renamed)) if tuple(renamed[k].shape) != expected[k]]
-    if unmapped or missing or mismatched or problems:
-        parts = [f"cannot convert {where} (source {source}, detected {variant.backbone}, "
-                 f"{variant.num_queries} queries, {variant.num_patterns} patterns):"]
-        if unmapped:
-            parts.append(f"  {len(unmapped)} unmapped key(s) (no counterpart in our model):{_fmt(unmapped)}")
-        if missing:
-            parts.append(f"  {len(missing)} missing key(s) (our model needs them):{_fmt(missing)}")
-        if mismatched:
-            parts.append(f"  {len(mismatched)} shape mismatch(es):{_fmt(mismatched)}")
-        if problems:
-            parts.append(f"  {len(problems)} other problem(s):{_fmt(problems)}")
-        raise CheckpointError("\n".join(parts))
-
+    _check_against_model(
+        renamed, expected,
+        f"{where} (source {source}, detected {variant.backbone}, "
+        f"{variant.num_queries} queries, {variant.num_patterns} patterns)",
+        origin=origin, unmapped=unmapped, problems=problems,
+    )
     ordered = {k: renamed[k].contiguous() for k in expected}
     return ConversionResult(ordered, variant, suggest_config(variant, file_name), source, notes)
+
+
+def _check_against_model(converted: Dict[str, torch.Tensor], expected: Dict[str, Tuple[int, ...]], what: str,
+                         origin: Dict[str, str] = None, unmapped: List[str] = (), problems: List[str] = ()) -> None:
+    """Raise one ``CheckpointError`` listing every converted key the model does not have, every
+    key it needs that is missing, every shape mismatch, plus the given ``unmapped`` source keys and
+    other ``problems``. ``origin`` maps a converted key to its source key, for the messages."""
+    origin = origin or {}
+
+    def name(k):
+        return f"{origin[k]} -> {k}" if k in origin else k
+
+    unmapped = list(unmapped) + [f"{name(k)} (our model does not have it)"
+                                 for k in sorted(set(converted) - set(expected))]
+    missing = sorted(set(expected) - set(converted))
+    mismatched = [f"{name(k)}: checkpoint {tuple(converted[k].shape)}, model {expected[k]}"
+                  for k in sorted(set(expected) & set(converted)) if tuple(converted[k].shape) != expected[k]]
+    sections = [("unmapped key(s) (no counterpart in our model)", unmapped),
+                ("missing key(s) (our model needs them)", missing),
+                ("shape mismatch(es)", mismatched), ("other problem(s)", list(problems))]
+    if any(items for _, items in sections):
+        lines = [f"cannot convert {what}:"]
+        lines += [f"  {len(items)} {title}:{_fmt(items)}" for title, items in sections if items]
+        raise CheckpointError("\n".join(lines))
 
 
 # --------------------------------------------------------------------------- files
@@ -398,19 +409,7 @@ def convert_deformable_checkpoint(weights: Dict[str, torch.Tensor], source: str,
     num_queries = converted["refpoint_embed.weight"].shape[0] if "refpoint_embed.weight" in converted else 300
     overrides = {"num_classes": num_classes, "num_patterns": num_patterns, "num_queries": num_queries}
     expected = _model_shapes(config, **overrides)
-    missing = sorted(set(expected) - set(converted))
-    extra = sorted(set(converted) - set(expected))
-    mismatched = [f"{k}: checkpoint {tuple(converted[k].shape)}, model {expected[k]}"
-                  for k in sorted(set(expected) & set(converted)) if tuple(converted[k].shape) != expected[k]]
-    if missing or extra or mismatched:
-        parts = [f"cannot convert {path} (source {source}, DAB-Deformable-DETR, config {config}):"]
-        if extra:
-            parts.append(f"  {len(extra)} unmapped key(s):{_fmt(extra)}")
-        if missing:
-            parts.append(f"  {len(missing)} missing key(s):{_fmt(missing)}")
-        if mismatched:
-            parts.append(f"  {len(mismatched)} shape mismatch(es):{_fmt(mismatched)}")
-        raise CheckpointError("\n".join(parts))
+    _check_against_model(converted, expected, f"{path} (source {source}, DAB-Deformable-DETR, config {config})")
     notes = ["91 COCO-id class logits reduced to the 80 contiguous classes"] if source == "original" else []
     if num_patterns:
         notes.append(f"{num_patterns} patterns: evaluate with model.num_patterns={num_patterns}")

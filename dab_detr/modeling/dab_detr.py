@@ -5,7 +5,7 @@ criterion and post-processing are plain torch.
 """
 import logging
 import math
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
@@ -29,7 +29,18 @@ from .transformer import DABTransformer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DABDETR", "SetPredictionDetector"]
+__all__ = ["DABDETR", "SetPredictionDetector", "criterion_from_config"]
+
+
+def criterion_from_config(c) -> SetCriterion:
+    """The set loss from the yacs keys that ``dab_detr.config.add_set_loss_config`` adds."""
+    matcher = HungarianMatcher(cost_class=c.COST_CLASS, cost_bbox=c.COST_BBOX, cost_giou=c.COST_GIOU,
+                               alpha=c.FOCAL_ALPHA, gamma=c.FOCAL_GAMMA)
+    return SetCriterion(
+        matcher,
+        weight_dict={"loss_class": c.CLASS_WEIGHT, "loss_bbox": c.BBOX_WEIGHT, "loss_giou": c.GIOU_WEIGHT},
+        focal_alpha=c.FOCAL_ALPHA, focal_gamma=c.FOCAL_GAMMA,
+    )
 
 
 class SetPredictionDetector(nn.Module):
@@ -37,9 +48,35 @@ class SetPredictionDetector(nn.Module):
 
     Batches and normalizes the images, builds the padding mask, calls the subclass's
     ``predict(images, padding_mask)``, then computes the losses (training) or builds
-    ``Instances`` (inference). Subclasses set ``backbone``, ``criterion``, ``num_classes``,
-    ``aux_loss``, ``select_box_nums_for_evaluation`` and the ``pixel_mean``/``pixel_std`` buffers.
+    ``Instances`` (inference). The constructor holds the state both detectors share; subclasses
+    call it first, then build their own modules (registration order: backbone first, so that
+    parameter order, and with it saved optimizer states, is unchanged).
     """
+
+    def __init__(self, *, backbone: Backbone, criterion: SetCriterion, num_classes: int, aux_loss: bool,
+                 select_box_nums_for_evaluation: int, pixel_mean: Sequence[float], pixel_std: Sequence[float],
+                 input_format: str):
+        super().__init__()
+        name = type(self).__name__
+        if num_classes < 1:
+            raise ValueError(f"{name}: num_classes must be >= 1, got {num_classes}")
+        if len(pixel_mean) != len(pixel_std):
+            raise ValueError(f"{name}: pixel_mean and pixel_std must have the same length")
+        self.backbone = backbone
+        self.criterion = criterion
+        self.num_classes = num_classes
+        self.aux_loss = aux_loss
+        self.select_box_nums_for_evaluation = select_box_nums_for_evaluation
+        self.input_format = input_format
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
+
+    @staticmethod
+    def init_heads(class_embed: nn.Linear, bbox_embed: MLP) -> None:
+        """The original's head initialization: class prior 0.01, boxes start at the anchors."""
+        nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))
+        nn.init.zeros_(bbox_embed.layers[-1].weight)
+        nn.init.zeros_(bbox_embed.layers[-1].bias)
 
     @property
     def device(self) -> torch.device:
@@ -188,51 +225,30 @@ class DABDETR(SetPredictionDetector):
             select_box_nums_for_evaluation: detections kept per image at inference.
             pixel_mean, pixel_std: normalization in the 0-255 scale of ``input_format``.
         """
-        super().__init__()
         shapes = backbone.output_shape()
         if in_feature not in shapes:
             raise ValueError(
                 f"DABDETR: in_feature={in_feature!r} is not an output of the backbone "
                 f"{type(backbone).__name__}; it has {sorted(shapes)}"
             )
-        if num_classes < 1:
-            raise ValueError(f"DABDETR: num_classes must be >= 1, got {num_classes}")
-        if len(pixel_mean) != len(pixel_std):
-            raise ValueError("DABDETR: pixel_mean and pixel_std must have the same length")
-        self.backbone = backbone
+        super().__init__(backbone=backbone, criterion=criterion, num_classes=num_classes, aux_loss=aux_loss,
+                         select_box_nums_for_evaluation=select_box_nums_for_evaluation,
+                         pixel_mean=pixel_mean, pixel_std=pixel_std, input_format=input_format)
         self.in_feature = in_feature
         self.position_embedding = position_embedding
         self.transformer = transformer
-        self.criterion = criterion
-        self.num_classes = num_classes
-        self.aux_loss = aux_loss
-        self.select_box_nums_for_evaluation = select_box_nums_for_evaluation
-        self.input_format = input_format
 
         hidden_dim = transformer.d_model
         self.input_proj = nn.Conv2d(shapes[in_feature].channels, hidden_dim, kernel_size=1)
         self.refpoint_embed = AnchorBoxes(num_queries, random_xy=random_refpoints_xy, freeze_xy=freeze_anchor_xy)
         self.class_embed = nn.Linear(hidden_dim, num_classes)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
-        # initialization of the original: class prior 0.01, box head starts at the anchors
-        nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
-        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
-        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
-
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
+        self.init_heads(self.class_embed, self.bbox_embed)
 
     @classmethod
     def from_config(cls, cfg):
         """Build from a yacs config extended by ``dab_detr.add_dab_detr_config``."""
         c = cfg.MODEL.DAB_DETR
-        matcher = HungarianMatcher(cost_class=c.COST_CLASS, cost_bbox=c.COST_BBOX, cost_giou=c.COST_GIOU,
-                                   alpha=c.FOCAL_ALPHA, gamma=c.FOCAL_GAMMA)
-        criterion = SetCriterion(
-            matcher,
-            weight_dict={"loss_class": c.CLASS_WEIGHT, "loss_bbox": c.BBOX_WEIGHT, "loss_giou": c.GIOU_WEIGHT},
-            focal_alpha=c.FOCAL_ALPHA, focal_gamma=c.FOCAL_GAMMA,
-        )
         transformer = DABTransformer(
             d_model=c.HIDDEN_DIM, nhead=c.NHEADS, num_encoder_layers=c.ENC_LAYERS,
             num_decoder_layers=c.DEC_LAYERS, dim_feedforward=c.DIM_FEEDFORWARD, dropout=c.DROPOUT,
@@ -247,7 +263,7 @@ class DABDETR(SetPredictionDetector):
             "in_feature": c.IN_FEATURE,
             "position_embedding": position_embedding,
             "transformer": transformer,
-            "criterion": criterion,
+            "criterion": criterion_from_config(c),
             "num_classes": c.NUM_CLASSES,
             "num_queries": c.NUM_QUERIES,
             "aux_loss": c.AUX_LOSS,

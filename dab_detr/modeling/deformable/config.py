@@ -4,7 +4,7 @@ LazyConfig users do not need this: see ``configs/common/models/dab_deformable_de
 """
 from detectron2.config import CfgNode as CN
 
-from ...config import set_original_backbone_defaults
+from ...config import add_set_loss_config, set_original_backbone_defaults
 
 
 def add_dab_deformable_detr_config(cfg: CN) -> CN:
@@ -35,12 +35,7 @@ def add_dab_deformable_detr_config(cfg: CN) -> CN:
     c.FREEZE_ANCHOR_XY = False
     c.LAYER0_BROADCAST_BUG = False
     c.AUX_LOSS = True
-    c.CLASS_WEIGHT = 1.0
-    c.BBOX_WEIGHT = 5.0
-    c.GIOU_WEIGHT = 2.0
-    c.COST_CLASS = 2.0
-    c.COST_BBOX = 5.0
-    c.COST_GIOU = 2.0
+    add_set_loss_config(c)
     c.NUM_SELECT = 100
     set_original_backbone_defaults(cfg, out_features=["res3", "res4", "res5"])
     return cfg

@@ -5,7 +5,6 @@ Detectron2 side (image batching, padding masks, targets from ``Instances``, loss
 as ``Instances``) is DAB-DETR's: both inherit :class:`~dab_detr.modeling.dab_detr.SetPredictionDetector`.
 """
 import copy
-import math
 from typing import Dict, Sequence
 
 import torch
@@ -18,8 +17,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 
 from ..anchors import AnchorBoxes
 from ..criterion import SetCriterion
-from ..dab_detr import SetPredictionDetector
-from ..matcher import HungarianMatcher
+from ..dab_detr import SetPredictionDetector, criterion_from_config
 from ..mlp import MLP
 from ..position_encoding import PositionEmbeddingSine
 from .deformable_transformer import DABDeformableTransformer
@@ -82,7 +80,6 @@ class DABDeformableDETR(SetPredictionDetector):
             select_box_nums_for_evaluation: detections per image at inference.
             pixel_mean, pixel_std, input_format: input normalization (0-255 scale).
         """
-        super().__init__()
         in_features = list(in_features)
         shapes = backbone.output_shape()
         missing = [f for f in in_features if f not in shapes]
@@ -97,8 +94,6 @@ class DABDeformableDETR(SetPredictionDetector):
                 f"DABDeformableDETR: {len(in_features)} in_features but the transformer has only "
                 f"{num_levels} feature levels"
             )
-        if num_classes < 1:
-            raise ValueError(f"DABDeformableDETR: num_classes must be >= 1, got {num_classes}")
         two_stage = transformer.two_stage
         if two_stage and (num_patterns or random_refpoints_xy or freeze_anchor_xy):
             raise ValueError(
@@ -110,17 +105,14 @@ class DABDeformableDETR(SetPredictionDetector):
                 f"DABDeformableDETR: two-stage transformer keeps {transformer.two_stage_num_proposals} "
                 f"proposals but num_queries={num_queries}"
             )
-        self.backbone = backbone
+        super().__init__(backbone=backbone, criterion=criterion, num_classes=num_classes, aux_loss=aux_loss,
+                         select_box_nums_for_evaluation=select_box_nums_for_evaluation,
+                         pixel_mean=pixel_mean, pixel_std=pixel_std, input_format=input_format)
         self.in_features = in_features
         self.position_embedding = position_embedding
         self.transformer = transformer
-        self.criterion = criterion
-        self.num_classes = num_classes
         self.num_queries = num_queries
         self.num_patterns = num_patterns
-        self.aux_loss = aux_loss
-        self.select_box_nums_for_evaluation = select_box_nums_for_evaluation
-        self.input_format = input_format
         hidden_dim = transformer.d_model
 
         # input projections: names input_proj.{level}.{0: conv, 1: GroupNorm} as in the original
@@ -142,10 +134,8 @@ class DABDeformableDETR(SetPredictionDetector):
 
         # heads: built once, then deep-copied so that every layer starts from the same values
         class_embed = nn.Linear(hidden_dim, num_classes)
-        nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))
         bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
-        nn.init.zeros_(bbox_embed.layers[-1].weight)
-        nn.init.zeros_(bbox_embed.layers[-1].bias)
+        self.init_heads(class_embed, bbox_embed)
         num_heads = transformer.decoder.num_layers + (1 if two_stage else 0)  # +1: proposal heads
         self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_heads))
         self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_heads))
@@ -157,17 +147,10 @@ class DABDeformableDETR(SetPredictionDetector):
             if num_patterns > 0:
                 self.patterns_embed = nn.Embedding(num_patterns, hidden_dim)
 
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
-
     @classmethod
     def from_config(cls, cfg):
         """Build from a yacs config extended by ``add_dab_deformable_detr_config``."""
         c = cfg.MODEL.DAB_DEFORMABLE_DETR
-        matcher = HungarianMatcher(cost_class=c.COST_CLASS, cost_bbox=c.COST_BBOX, cost_giou=c.COST_GIOU)
-        criterion = SetCriterion(
-            matcher, weight_dict={"loss_class": c.CLASS_WEIGHT, "loss_bbox": c.BBOX_WEIGHT, "loss_giou": c.GIOU_WEIGHT}
-        )
         transformer = DABDeformableTransformer(
             d_model=c.HIDDEN_DIM, nhead=c.NHEADS, num_encoder_layers=c.ENC_LAYERS,
             num_decoder_layers=c.DEC_LAYERS, dim_feedforward=c.DIM_FEEDFORWARD, dropout=c.DROPOUT,
@@ -183,7 +166,7 @@ class DABDeformableDETR(SetPredictionDetector):
             "in_features": c.IN_FEATURES,
             "position_embedding": position_embedding,
             "transformer": transformer,
-            "criterion": criterion,
+            "criterion": criterion_from_config(c),
             "num_classes": c.NUM_CLASSES,
             "num_queries": c.NUM_QUERIES,
             "num_patterns": c.NUM_PATTERNS,
