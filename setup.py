@@ -20,8 +20,16 @@ setup(
         "scipy",
         "numpy",
     ],
-    # the independent reference for the parity tests, its weight formats and real photographs
     extras_require={
-        "test": ["pytest", "transformers==5.23.0", "timm==1.0.31", "safetensors==0.8.0", "scikit-image==0.26.0"]
+        # deployment: ONNX export (torch.onnx needs onnxscript) and onnxruntime
+        "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2"],
+        # SLURM jobs and preemption requeue
+        "cluster": ["submitit>=1.5"],
+        # the independent reference for the parity tests, its weight formats and real photographs,
+        # and every optional extra
+        "test": [
+            "pytest", "transformers==5.23.0", "timm==1.0.31", "safetensors==0.8.0", "scikit-image==0.26.0",
+            "onnx==1.23.2", "onnxruntime==1.31.1", "onnxscript==0.7.2", "submitit==1.5.4",
+        ],
     },
 )

@@ -28,6 +28,10 @@ TOOLS=("setuptools<81" pytest)
 # ports), its weight formats, and real photographs for the parity tests (scikit-image's data)
 # (timm: transformers' DAB-DETR backbone, which follows torchvision's names and DC5 rule)
 TEST_DEPS=("transformers==5.23.0" "timm==1.0.31" "safetensors==0.8.0" "scikit-image==0.26.0")
+# the optional extras of setup.py, all part of the test install:
+#   export  (ONNX export and onnxruntime; torch.onnx's exporter needs onnxscript)
+#   cluster (SLURM jobs through submitit)
+EXTRA_DEPS=("onnx==1.23.2" "onnxruntime==1.31.1" "onnxscript==0.7.2" "submitit==1.5.4")
 
 step() { echo "[setup] $*"; }
 fail() { echo "[setup] FAILED at step: $1" >&2; [ $# -gt 1 ] && echo "[setup] $2" >&2; exit 1; }
@@ -52,6 +56,8 @@ import importlib.metadata as m, importlib.util as u, os, sys
 assert m.version('torch') == '2.15.0' and m.version('torchvision') == '0.29.2'
 assert m.version('transformers') == '5.23.0' and m.version('timm') == '1.0.31'
 assert m.version('safetensors') == '0.8.0' and m.version('scikit-image') == '0.26.0'
+assert m.version('onnx') == '1.23.2' and m.version('onnxruntime') == '1.31.1'
+assert m.version('onnxscript') == '0.7.2' and m.version('submitit') == '1.5.4'
 for mod in ('fvcore', 'iopath', 'pycocotools', 'omegaconf', 'hydra', 'termcolor', 'yacs', 'tabulate', 'cloudpickle',
             'tqdm', 'matplotlib', 'tensorboard', 'scipy', 'PIL', 'numpy', 'pytest', 'pkg_resources', 'cv2'):
     assert u.find_spec(mod) is not None, mod
@@ -88,6 +94,12 @@ fi
 if ! { have_version transformers 5.23.0 && have_version timm 1.0.31 && have_version safetensors 0.8.0 && have_version scikit-image 0.26.0; }; then
   step "installing test dependencies: ${TEST_DEPS[*]}"
   "${PIP[@]}" "${TEST_DEPS[@]}" || fail "install test dependencies" "pip could not install: ${TEST_DEPS[*]}"
+fi
+
+# 3c. optional extras (export, cluster)
+if ! { have_version onnx 1.23.2 && have_version onnxruntime 1.31.1 && have_version onnxscript 0.7.2 && have_version submitit 1.5.4; }; then
+  step "installing optional extras: ${EXTRA_DEPS[*]}"
+  "${PIP[@]}" "${EXTRA_DEPS[@]}" || fail "install optional extras" "pip could not install: ${EXTRA_DEPS[*]}"
 fi
 
 # 4. detectron2
