@@ -13,12 +13,13 @@ The trainer lives in ``dab_detr.engine``; this script only parses arguments and 
 """
 import logging
 
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from dab_detr.checkpoint import DABDETRCheckpointer
+from dab_detr.config_checks import ConfigError, load_checked_config
 from dab_detr.engine import LazyConfigTrainer, ModelEMA, resolve_device
 
 logger = logging.getLogger("dab_detr")
@@ -38,7 +39,10 @@ def evaluate(cfg):
 
 
 def main(args):
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    try:  # unknown keys / arguments: a message naming them and the nearest ones, no traceback
+        cfg = load_checked_config(args.config_file, args.opts)
+    except ConfigError as e:
+        raise SystemExit(f"{args.config_file}: {e}")
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="dab_detr")
     if args.eval_only:

@@ -9,6 +9,8 @@ from torch.nn.parallel import DistributedDataParallel
 from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
 
+from .divergence import check_step_is_finite
+
 __all__ = ["DETRTrainLoop", "micro_batch_weights"]
 
 
@@ -45,7 +47,9 @@ class DETRTrainLoop(SimpleTrainer):
     once, to ``clip_grad_max_norm`` (L2 over all parameters; 0 disables). With ``amp``, the
     forward pass runs under autocast (fp16 with a gradient scaler on CUDA, bf16 elsewhere).
 
-    Logged losses are those of the whole step (the weighted sum over micro-batches).
+    Logged losses are those of the whole step (the weighted sum over micro-batches). A step whose
+    loss or gradient is not finite raises ``TrainingDivergedError`` before the optimizer step
+    (``dab_detr.engine.divergence``).
     """
 
     def __init__(self, model, data_loader, optimizer, *, grad_accumulation_steps: int = 1,
@@ -85,10 +89,15 @@ class DETRTrainLoop(SimpleTrainer):
             for name, value in loss_dict.items():
                 step_losses[name] = step_losses.get(name, 0.0) + value.detach() * weight
 
+        grad_norm = None
         if self.clip_grad_max_norm > 0:
             self.grad_scaler.unscale_(self.optimizer)
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_max_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_max_norm)
+        # before the optimizer step: a non-finite loss or gradient stops the run unapplied
+        # (with an fp16 gradient scaler, overflowing gradients are the scaler's to skip)
+        check_step_is_finite(self.iter, step_losses, self.model.named_parameters(), grad_norm,
+                             check_gradients=not self.grad_scaler.is_enabled())
         self.after_backward()
         self._write_metrics(step_losses, data_time)
         self.grad_scaler.step(self.optimizer)

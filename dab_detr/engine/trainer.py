@@ -11,6 +11,12 @@ The LazyConfig has the five standard names: ``model``, ``dataloader`` (``train``
   (the effective batch is ``dataloader.train.total_batch_size * grad_accumulation_steps``);
 - ``model_ema.enabled`` / ``decay`` / ``warmup``: an EMA of the weights, used for evaluation,
   saved in checkpoints and restored by ``--resume``.
+
+Reliability: the config is checked before anything is built (``dab_detr.config_checks``);
+checkpoints are written atomically and ``--resume`` verifies the one it resumes from
+(``TrainingCheckpointer``); a non-finite loss or gradient stops the run before its update is
+applied (``dab_detr.engine.divergence``); the data loader's position and the random state are part
+of the checkpoint, so a resumed run continues the same run (``dab_detr.data.resumable_loader``).
 """
 import logging
 import weakref
@@ -24,8 +30,11 @@ from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
-from ..checkpoint import DABDETRCheckpointer
+from ..checkpoint.training_checkpointer import TrainingCheckpointer
+from ..config_checks import check_config
+from ..data.resumable_loader import resumable_loader_from_config
 from .ema import EMAHook, ModelEMA
+from .rng_state import RNGState
 from .train_loop import DETRTrainLoop
 
 __all__ = ["LazyConfigTrainer", "resolve_device"]
@@ -52,6 +61,7 @@ class LazyConfigTrainer(DefaultTrainer):
 
     def __init__(self, cfg):
         TrainerBase.__init__(self)  # DefaultTrainer.__init__ reads yacs keys: build our own
+        check_config(cfg)
         train = cfg.train
         self.device = resolve_device(train.get("device", None))
         model = self.build_model(cfg)
@@ -74,11 +84,15 @@ class LazyConfigTrainer(DefaultTrainer):
             amp=train.get("amp", {}).get("enabled", False),
         )
         self.scheduler = instantiate(cfg.lr_multiplier)
-        self.checkpointer = DABDETRCheckpointer(
+        self.checkpointer = TrainingCheckpointer(
             model, train.output_dir, trainer=weakref.proxy(self),
         )
         if self.ema is not None:
             self.checkpointer.add_checkpointable("model_ema", self.ema)
+        # the exact-resume state: where the data stream is, and the random generators
+        if hasattr(data_loader, "state_dict"):
+            self.checkpointer.add_checkpointable("train_loader", data_loader)
+        self.checkpointer.add_checkpointable("rng_state", RNGState())
         self.start_iter = 0
         self.max_iter = train.max_iter
         self.cfg = cfg
@@ -92,7 +106,14 @@ class LazyConfigTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return instantiate(cfg.dataloader.train)
+        """``dataloader.train``; a ``build_detection_train_loader`` node (no sampler or a
+        ``TrainingSampler``) is built as a ``ResumableTrainLoader`` from the same arguments."""
+        loader = resumable_loader_from_config(cfg.dataloader.train)
+        if loader is None:
+            logger.warning("dataloader.train is not a plain build_detection_train_loader: it is built "
+                           "as configured, and --resume restarts its data stream (not an exact resume)")
+            loader = instantiate(cfg.dataloader.train)
+        return loader
 
     def build_hooks(self):
         train = self.cfg.train
