@@ -303,3 +303,87 @@ def test_demo_dataset_registration_loads_coco_dicts(tmp_path, monkeypatch):
     dicts = load_checked_dataset_dicts(names[0])
     assert len(dicts) == 2 and all("id" in a for d in dicts for a in d["annotations"])
     assert MetadataCatalog.get(names[0]).thing_classes == demo_dataset.DEMO_CLASSES
+
+
+# ------------------------------------------------------------------ bad data: files and boxes (issue 14)
+def test_invalid_json_stops_naming_the_file_and_position(tmp_path):
+    json_path, image_root = write_coco_dataset(tmp_path)
+    text = open(json_path).read()
+    with open(json_path, "w") as f:
+        f.write(text.replace('"annotations":', '"annotations" oops:', 1))  # json.dump: one line
+    # the README's way: register_coco_detection, then a plain DatasetCatalog.get in the config
+    name = register_coco_detection(f"badjson_{uuid.uuid4().hex[:8]}", json_path, image_root)
+    with pytest.raises(ValueError) as error:
+        DatasetCatalog.get(name)
+    message = str(error.value)
+    assert json_path in message and "not valid JSON" in message
+    assert "line 1, column " in message and "(character " in message
+    # and through load_checked_dataset_dicts with Detectron2's own register_coco_instances
+    plain = register_tiny_coco(json_path, image_root)
+    with pytest.raises(ValueError) as error:
+        load_checked_dataset_dicts(plain)
+    assert json_path in str(error.value) and "line 1, column " in str(error.value)
+
+
+def test_undeclared_category_through_plain_catalog_get_names_annotation_image_and_file(tmp_path):
+    """README "Custom data" calls DatasetCatalog.get to count the classes: the error must already
+    be the explained one there, not Detectron2's KeyError."""
+    bad = {"id": 777, "image_id": 2, "category_id": 9, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0}
+    json_path, image_root = write_coco_dataset(tmp_path, extra_annotations=[bad])
+    name = register_coco_detection(f"badcat_{uuid.uuid4().hex[:8]}", json_path, image_root)
+    with pytest.raises(ValueError) as error:
+        DatasetCatalog.get(name)
+    message = str(error.value)
+    assert "annotation id 777" in message and "category_id 9" in message and "0001.png" in message
+    assert json_path in message and "valid ids: [1, 2, 3]" in message
+
+
+def test_box_outside_the_image_or_nan_is_dropped_with_a_warning_naming_it(tmp_path, warnings_of):
+    images = [[(1, [8, 8, 20, 20]), (2, [70, 10, 10, 10]), (3, [10, -30, 8, 8]),
+               (1, [float("nan"), 5, 10, 10]), (2, [50, 50, 30, 30])],  # the last: partly outside
+              [(2, [4, 30, 40, 10])]]
+    json_path, image_root = write_coco_dataset(tmp_path, images)  # 64 x 64 images
+    name = register_coco_detection(f"outside_{uuid.uuid4().hex[:8]}", json_path, image_root)
+    dicts = load_checked_dataset_dicts(name)
+    assert [a["bbox"] for a in dicts[0]["annotations"]] == [[8, 8, 20, 20], [50, 50, 30, 30]]
+    text = "\n".join(r.getMessage() for r in warnings_of.records)
+    assert "dropped 2 annotations whose box lies entirely outside its image" in text
+    assert "annotation id 101" in text and "annotation id 102" in text and "0000.png" in text
+    assert "dropped 1 annotations whose box has a NaN or infinite coordinate" in text
+    assert "annotation id 103" in text
+
+    # the mapper (datasets that bypass load_checked_dataset_dicts) warns too; the partly outside
+    # box is clipped to the image
+    warnings_of.clear()
+    raw = load_coco_json(json_path, image_root, f"raw_{uuid.uuid4().hex[:8]}", extra_annotation_keys=["id"])
+    out = DetrDatasetMapper(is_train=True, augmentation=[])(raw[0])
+    boxes = out["instances"].gt_boxes.tensor.tolist()
+    assert boxes == [[8, 8, 28, 28], [50, 50, 64, 64]]
+    text = "\n".join(r.getMessage() for r in warnings_of.records)
+    assert "annotation id 101" in text and "annotation id 102" in text and "lies entirely outside" in text
+    assert "annotation id 103" in text and "NaN or infinite" in text
+
+
+def test_16_bit_png_is_read_scaled_to_8_bits(tmp_path):
+    json_path, image_root = write_coco_dataset(tmp_path, [[(1, [8, 8, 20, 20])]])
+    values = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0..65520
+    path = os.path.join(image_root, "0000.png")
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I")  # really 16 bits per pixel
+    record = load_coco_json(json_path, image_root, f"u16_{uuid.uuid4().hex[:8]}")[0]
+    out = DetrDatasetMapper(is_train=False, augmentation=[])(record)
+    expected = torch.from_numpy(np.round(values / 257.0).astype(np.uint8))
+    assert out["image"].shape == (3, 64, 64)
+    for channel in range(3):
+        torch.testing.assert_close(out["image"][channel], expected, atol=0, rtol=0)
+    assert out["image"].float().std() > 50  # not the all-white image PIL's convert gives
+
+
+def test_image_with_values_beyond_16_bits_is_refused_naming_the_file(tmp_path):
+    json_path, image_root = write_coco_dataset(tmp_path, [[(1, [8, 8, 20, 20])]])
+    path = os.path.join(image_root, "0000.tif")
+    Image.fromarray(np.full((64, 64), 100000, np.int32)).save(path)
+    record = load_coco_json(json_path, image_root, f"i32_{uuid.uuid4().hex[:8]}")[0]
+    record["file_name"] = path
+    with pytest.raises(RuntimeError, match=r"0000\.tif.*outside 0\.\.65535"):
+        DetrDatasetMapper(is_train=False, augmentation=[])(record)

@@ -15,12 +15,16 @@ import torch
 import detectron2.data.transforms as T
 from detectron2.data import detection_utils as utils
 
-from .dataset_checks import describe_annotation, is_degenerate_box
+from .dataset_checks import box_problem, describe_annotation
+from .image_reading import read_image_8bit
 
 __all__ = ["DetrDatasetMapper", "detr_train_augmentation", "detr_train_augmentation_with_crop",
            "detr_test_augmentation"]
 
 logger = logging.getLogger(__name__)
+_PROBLEM_TEXT = {"non-finite": "its box has a NaN or infinite coordinate",
+                 "degenerate": "its box has zero or negative width/height",
+                 "outside": "its box lies entirely outside the image"}
 
 
 def detr_train_augmentation(min_sizes=tuple(range(480, 801, 32)), max_size=1333) -> List:
@@ -61,8 +65,10 @@ class DetrDatasetMapper:
       * an image that cannot be read: in training a warning naming the file, and the sample is
         skipped (``None``: Detectron2's ``MapDataset`` draws another image); at test time an error
         naming the file, since an evaluation must cover every image.
-      * a box with zero or negative width/height: the annotation is dropped with a warning naming
-        the image file and the annotation.
+      * a 16-bit grayscale image is scaled to 8 bits (``read_image_8bit``).
+      * a box with zero or negative width/height, a NaN/infinite coordinate, or entirely outside
+        the image: the annotation is dropped with a warning naming the image file and the
+        annotation (once per annotation).
       * crowd annotations are dropped (DETR does not use them).
     """
 
@@ -81,7 +87,7 @@ class DetrDatasetMapper:
     def _read_image(self, dataset_dict):
         file_name = dataset_dict["file_name"]
         try:
-            image = utils.read_image(file_name, format=self.image_format)
+            image = read_image_8bit(file_name, format=self.image_format)  # 16-bit: scaled
             utils.check_image_size(dataset_dict, image)
         except Exception as e:  # missing file, undecodable bytes, size mismatch with the json
             message = (f"cannot use image file '{file_name}' (image_id {dataset_dict.get('image_id')}): "
@@ -97,12 +103,14 @@ class DetrDatasetMapper:
         for index, anno in enumerate(dataset_dict.get("annotations", [])):
             if anno.get("iscrowd", 0) != 0:
                 continue
-            if is_degenerate_box(anno["bbox"], anno["bbox_mode"]):
+            problem = box_problem(anno["bbox"], anno["bbox_mode"], dataset_dict.get("width"),
+                                  dataset_dict.get("height"))
+            if problem is not None:
                 key = (dataset_dict["file_name"], index)
                 if key not in self._warned:  # once per annotation, not once per epoch
                     self._warned.add(key)
-                    logger.warning("dropping %s: its box has zero or negative width/height.",
-                                   describe_annotation(dataset_dict, index))
+                    logger.warning("dropping %s: %s.", describe_annotation(dataset_dict, index),
+                                   _PROBLEM_TEXT[problem])
                 continue
             kept.append(anno)
         return kept
