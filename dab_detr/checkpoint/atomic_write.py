@@ -5,9 +5,10 @@ fsync'ed, then ``os.replace`` puts it in place (atomic on POSIX and Windows with
 system) and the folder entry is fsync'ed. A leftover temporary file means a writer was killed;
 ``remove_stale_temporary_files`` cleans them up.
 
-Test hook: when the environment variable ``DAB_DETR_TEST_ATOMIC_WRITE_PAUSE`` holds a number of
-seconds, every write pauses that long after the data is written and before the rename, so that a
-test can kill the process inside a write. It is read at each write and unset in normal use.
+Test hook: when the environment variable ``DAB_DETR_TEST_ATOMIC_WRITE_PAUSE`` is set to
+``SECONDS`` or ``FILENAME:SECONDS``, every write (of that file name only, with the second form)
+pauses that long after the data is written and before the rename, so that a test can kill the
+process inside a write. It is read at each write and unset in normal use.
 """
 import contextlib
 import glob
@@ -37,6 +38,15 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def _test_pause(path: str) -> None:
+    setting = os.environ.get(TEST_PAUSE_ENV)
+    if not setting:
+        return
+    name, _, seconds = setting.rpartition(":")
+    if not name or name == os.path.basename(path):
+        time.sleep(float(seconds))
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
     """``with atomic_write(path) as f: f.write(...)``: ``path`` is replaced only when the block
@@ -51,9 +61,7 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        pause = os.environ.get(TEST_PAUSE_ENV)
-        if pause:
-            time.sleep(float(pause))
+        _test_pause(path)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -89,15 +89,20 @@ class DETRTrainLoop(SimpleTrainer):
             for name, value in loss_dict.items():
                 step_losses[name] = step_losses.get(name, 0.0) + value.detach() * weight
 
-        grad_norm = None
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        # with an fp16 gradient scaler, overflowing gradients are the scaler's to skip
+        check_gradients = not self.grad_scaler.is_enabled()
         if self.clip_grad_max_norm > 0:
             self.grad_scaler.unscale_(self.optimizer)
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_max_norm)
-        # before the optimizer step: a non-finite loss or gradient stops the run unapplied
-        # (with an fp16 gradient scaler, overflowing gradients are the scaler's to skip)
+        grad_norm = None
+        if params and (self.clip_grad_max_norm > 0 or check_gradients):
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        # before clipping and the optimizer step: a non-finite loss or gradient stops the run
+        # with no update applied (and names the parameters whose gradients are not finite)
         check_step_is_finite(self.iter, step_losses, self.model.named_parameters(), grad_norm,
-                             check_gradients=not self.grad_scaler.is_enabled())
+                             check_gradients=check_gradients)
+        if self.clip_grad_max_norm > 0 and grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad_max_norm, grad_norm)
         self.after_backward()
         self._write_metrics(step_losses, data_time)
         self.grad_scaler.step(self.optimizer)
