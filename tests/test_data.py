@@ -387,3 +387,13 @@ def test_image_with_values_beyond_16_bits_is_refused_naming_the_file(tmp_path):
     record["file_name"] = path
     with pytest.raises(RuntimeError, match=r"0000\.tif.*outside 0\.\.65535"):
         DetrDatasetMapper(is_train=False, augmentation=[])(record)
+
+
+def test_crowd_annotations_are_dropped(tmp_path):
+    crowd = {"id": 900, "image_id": 1, "category_id": 2, "bbox": [30, 30, 20, 20], "area": 400, "iscrowd": 1}
+    json_path, image_root = write_coco_dataset(tmp_path, [[(1, [8, 8, 20, 20])]], extra_annotations=[crowd])
+    record = load_coco_json(json_path, image_root, f"crowd_{uuid.uuid4().hex[:8]}")[0]
+    assert len(record["annotations"]) == 2
+    out = DetrDatasetMapper(is_train=True, augmentation=[])(record)
+    assert out["instances"].gt_boxes.tensor.tolist() == [[8, 8, 28, 28]]
+    assert out["instances"].gt_classes.tolist() == [0]

@@ -192,3 +192,71 @@ def test_resume_skips_a_truncated_checkpoint_and_finishes_the_run(tmp_path, capl
     message = str(error.value)
     assert "no readable training checkpoint" in message
     assert all(name in message for name in ("model_final.pth", "model_0000001.pth", "model_0000003.pth"))
+
+
+# ------------------------------------------------------------------ the resumable train loader
+from dab_detr.data.resumable_loader import ResumableBatchSampler, build_resumable_train_loader  # noqa: E402
+
+
+def _records(n=10):
+    # landscape, portrait and square images: two aspect-ratio buckets
+    sizes = [(64, 48), (48, 64), (64, 64), (80, 40), (40, 80)]
+    return [{"file_name": f"{i}.png", "image_id": i, "width": sizes[i % 5][0], "height": sizes[i % 5][1]}
+            for i in range(n)]
+
+
+def _random_mapper(record):
+    """Stands for the augmentation: draws from numpy's and Python's global RNGs."""
+    import random
+    import numpy as np
+    return {"image_id": record["image_id"], "draw": float(np.random.rand()), "py": random.random(),
+            "landscape": record["width"] > record["height"]}
+
+
+def _take(iterable, n):
+    out = []
+    for batch in iterable:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def test_batch_sampler_started_at_k_continues_the_full_stream():
+    for rank in (0, 1):
+        groups = [0 if r["width"] > r["height"] else 1 for r in _records()]
+        full = ResumableBatchSampler(10, 3, shuffle=True, seed=5, aspect_groups=groups, rank=rank, world_size=2)
+        batches = _take(full, 12)  # more than one epoch: the permutation changes per epoch
+        assert all(len({groups[i] for i, _ in b}) == 1 for b in batches)  # one bucket per batch
+        positions = [p for b in batches for _, p in b]
+        assert all(p % 2 == rank for p in positions)  # this rank's share of the global stream
+        resumed = ResumableBatchSampler(10, 3, shuffle=True, seed=5, aspect_groups=groups, rank=rank, world_size=2)
+        resumed.start_batch = 7
+        assert _take(resumed, 5) == batches[7:]
+
+
+def test_loader_is_the_same_with_workers_and_after_a_restart_and_leaves_global_rngs_alone():
+    import random
+    import numpy as np
+    records = _records()
+    np.random.seed(123)
+    random.seed(123)
+    before = (np.random.rand(), random.random())
+    np.random.seed(123)
+    random.seed(123)
+    loader = build_resumable_train_loader(records, mapper=_random_mapper, total_batch_size=2, seed=3)
+    full = _take(loader, 8)
+    assert (np.random.rand(), random.random()) == before  # the main process's RNGs untouched
+    assert loader.state_dict() == {"batches_consumed": 8, "seed": 3}
+    assert all(len({x["landscape"] for x in batch}) == 1 for batch in full)
+    assert len({x["draw"] for batch in full for x in batch}) == 16  # a fresh draw for every sample
+
+    with_workers = build_resumable_train_loader(records, mapper=_random_mapper, total_batch_size=2, seed=3,
+                                                num_workers=2)
+    assert _take(with_workers, 8) == full
+
+    restarted = build_resumable_train_loader(records, mapper=_random_mapper, total_batch_size=2, seed=0)
+    restarted.load_state_dict({"batches_consumed": 5, "seed": 3})
+    assert _take(restarted, 3) == full[5:]
+    with pytest.raises(RuntimeError, match="before iterating"):
+        restarted.load_state_dict({"batches_consumed": 1, "seed": 3})
