@@ -88,6 +88,26 @@ def test_existing_keys_and_new_arguments_of_a_target_are_accepted(tmp_path):
         apply_checked_overrides(cfg, ["dataloader.train.mapper.image_fromat=BGR"])
 
 
+# ------------------------------------------------------------------ atomic writes
+def test_atomic_write_replaces_only_a_complete_file(tmp_path):
+    from dab_detr.checkpoint.atomic_write import atomic_write, remove_stale_temporary_files
+    path = str(tmp_path / "model.pth")
+    with atomic_write(path) as f:
+        f.write(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(path) as f:
+            f.write(b"new, but the writer fails half-way")
+            raise RuntimeError("disk full")
+    assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["model.pth"]
+    with atomic_write(path, "w") as f:
+        f.write("new")
+    assert open(path).read() == "new" and os.listdir(tmp_path) == ["model.pth"]
+    stale = tmp_path / ".model.pth.tmp-abc123"  # what a killed writer leaves
+    stale.write_bytes(b"partial")
+    assert remove_stale_temporary_files(str(tmp_path)) == [str(stale)]
+    assert os.listdir(tmp_path) == ["model.pth"]
+
+
 # ------------------------------------------------------------------ divergence
 class _PoisonGradient(HookBase):
     """From iteration ``at`` on, the gradient of class_embed.weight is NaN (the loss stays finite)."""
