@@ -26,6 +26,7 @@ from detectron2.utils import comm
 
 from ..checkpoint import DABDETRCheckpointer
 from .ema import EMAHook, ModelEMA
+from .preemption import preemption_hooks
 from .train_loop import DETRTrainLoop
 
 __all__ = ["LazyConfigTrainer", "resolve_device"]
@@ -104,6 +105,7 @@ class LazyConfigTrainer(DefaultTrainer):
             ret.append(EMAHook(self.ema, _unwrap(self.model)))
         if comm.is_main_process():
             ret.append(hooks.PeriodicCheckpointer(self.checkpointer, **train.checkpointer))
+        ret.extend(preemption_hooks(self.checkpointer))  # only in jobs that handle preemption
         if train.get("eval_period", 0) > 0 and "test" in self.cfg.dataloader:
             ret.append(hooks.EvalHook(train.eval_period, self._evaluate))
         if comm.is_main_process():
