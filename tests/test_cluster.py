@@ -17,12 +17,18 @@ import time
 import pytest
 import torch
 
-from detectron2.engine import default_argument_parser
+from detectron2.config import LazyConfig
+from detectron2.engine import HookBase, default_argument_parser
+from detectron2.utils import comm
 
 from conftest import REPO, load_tool
 from dab_detr.data import demo_dataset
-from dab_detr.engine.launch_env import (LaunchEnvironment, detect_launch_environment,
-                                        expand_slurm_nodelist, launch_main, slurm_master_port)
+from dab_detr.engine import LazyConfigTrainer
+from dab_detr.engine.launch_env import (LaunchEnvironment, detect_launch_environment, expand_slurm_nodelist,
+                                        init_distributed, launch_main, slurm_master_port)
+from dab_detr.engine.preemption import (PreemptionCheckpointHook, PreemptionHandler, TrainingPreempted,
+                                        active_preemption_handler, preemption_hooks)
+from test_custom_data import write_user_config
 
 DEMO_CONFIG = os.path.join(REPO, "configs", "dab_detr_demo.py")
 TRAIN_NET = os.path.join(REPO, "tools", "lazyconfig_train_net.py")
@@ -264,9 +270,9 @@ def test_submitit_job_preempted_mid_training_checkpoints_requeues_and_finishes(m
     out = tmp_path / "run"
     tool = load_tool("submit_slurm")
     args = tool.build_parser().parse_args(
-        ["--cluster", "local", "--gpus-per-node", "2", "--time", "30"]
-        + _train_args(out)[0:2] + SMALL_DEMO
-        + [f"train.output_dir={out}", f"train.max_iter={max_iter}", "train.checkpointer.period=1000"])
+        ["--cluster", "local", "--gpus-per-node", "2", "--time", "30", "--config-file", DEMO_CONFIG]
+        + SMALL_DEMO + [f"train.output_dir={out}", f"train.max_iter={max_iter}",
+                        "train.checkpointer.period=1000"])  # only the preemption saves before the end
     job = tool.submit(args)
     try:
         metrics = out / "metrics.json"
@@ -293,9 +299,79 @@ def test_submitit_job_preempted_mid_training_checkpoints_requeues_and_finishes(m
     starts = [int(i) for i in re.findall(r"Starting training from iteration (\d+)", log)]
     assert starts == [0, saved + 1]  # the requeued run started right after the saved iteration
     checkpoint = out / f"model_{saved:07d}.pth"
-    assert f"Loading checkpoint from {checkpoint}" in log
+    assert f"Loading trainer from {checkpoint}" in log  # model, optimizer, scheduler, iteration
     assert _load(checkpoint)["iteration"] == saved
     assert _load(out / "model_final.pth")["iteration"] == max_iter - 1
     with open(metrics) as f:  # every iteration ran exactly once over the two runs
         assert [json.loads(line)["iteration"] for line in f] == list(range(max_iter))
     assert "--resume" in job.submission().function.argv  # what the requeued job ran
+
+
+# ------------------------------------------------------------------ the preemption hook, in-process
+class _SignalAt(HookBase):
+    """Sends ``signum`` to this process while iteration ``at`` runs (as SLURM would, any time)."""
+
+    def __init__(self, at, signum):
+        self.at, self.signum = at, signum
+
+    def before_step(self):
+        if self.trainer.iter == self.at:
+            os.kill(os.getpid(), self.signum)
+
+
+def _tiny_config(tmp_path):
+    config_path, _, _ = write_user_config(tmp_path)  # the tiny user config of test_custom_data
+    return LazyConfig.apply_overrides(LazyConfig.load(config_path), ["train.checkpointer.period=100"])
+
+
+def test_signal_stops_training_after_the_step_with_a_resumable_checkpoint(tmp_path):
+    previous = signal.getsignal(signal.SIGUSR1)
+    with PreemptionHandler([signal.SIGUSR1, signal.SIGTERM]) as handler:
+        assert active_preemption_handler() is handler
+        cfg = _tiny_config(tmp_path)  # 4 iterations
+        trainer = LazyConfigTrainer(cfg)
+        assert any(isinstance(h, PreemptionCheckpointHook) for h in trainer._hooks)
+        trainer.resume_or_load(resume=False)
+        trainer.register_hooks([_SignalAt(1, signal.SIGUSR1)])
+        with pytest.raises(TrainingPreempted, match="SIGUSR1 after iteration 1") as stopped:
+            trainer.train()
+    assert signal.getsignal(signal.SIGUSR1) == previous and active_preemption_handler() is None
+    out = cfg.train.output_dir
+    assert stopped.value.checkpoint == os.path.join(out, "model_0000001.pth")
+    saved = _load(stopped.value.checkpoint)
+    assert saved["iteration"] == 1
+    assert saved["trainer"]["_trainer"]["optimizer"]["state"]  # optimizer state for --resume
+    assert not os.path.exists(os.path.join(out, "model_final.pth"))
+    with open(os.path.join(out, "last_checkpoint")) as f:
+        assert f.read().strip() == "model_0000001.pth"
+
+    assert preemption_hooks(trainer.checkpointer) == []  # plain runs (no handler): no hook
+
+    # the requeued run: --resume continues at iteration 2; a signal during the last iteration
+    # does not interrupt it (the final checkpoint is the one to keep)
+    with PreemptionHandler([signal.SIGTERM]):
+        resumed = LazyConfigTrainer(cfg)
+        resumed.resume_or_load(resume=True)
+        assert resumed.start_iter == 2
+        for key, value in saved["model"].items():
+            torch.testing.assert_close(resumed.model.state_dict()[key], value, atol=0, rtol=0)
+        resumed.register_hooks([_SignalAt(3, signal.SIGTERM)])
+        resumed.train()
+    assert _load(os.path.join(out, "model_final.pth"))["iteration"] == 3
+    with pytest.raises(RuntimeError, match="already installed"):
+        with PreemptionHandler():
+            PreemptionHandler().install()
+
+
+def test_init_distributed_sets_up_detectron2s_process_groups(tmp_path):
+    """One process: the same calls as Detectron2's _distributed_worker, so comm works."""
+    env = LaunchEnvironment("torchrun", rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0,
+                            num_nodes=1, master_addr="127.0.0.1", master_port=_free_port())
+    try:
+        init_distributed(env)
+        assert torch.distributed.get_backend() == ("nccl" if torch.cuda.is_available() else "gloo")
+        assert (comm.get_rank(), comm.get_world_size(), comm.get_local_rank(), comm.get_local_size()) == (0, 1, 0, 1)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        comm._LOCAL_PROCESS_GROUP = None  # Detectron2 has no public reset
