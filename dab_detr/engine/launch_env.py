@@ -230,7 +230,8 @@ def launch_main(main_func: Callable, args, environ: Mapping[str, str] = None):
     if env is None or env.world_size == 1:
         if env is not None:
             setup_logger(name=__name__).info(
-                "%s started 1 process: Detectron2's launch starts --num-gpus %d", env.launcher, args.num_gpus)
+                "The launcher started 1 process (%s): Detectron2's launch starts --num-gpus %d",
+                env.describe(), args.num_gpus)
         return launch(main_func, args.num_gpus, num_machines=args.num_machines,
                       machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
     _check_no_spawn_arguments(args, env)
