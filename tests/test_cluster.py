@@ -248,6 +248,12 @@ def test_submit_slurm_parameters_reach_sbatch(monkeypatch, datasets_root, tmp_pa
         tool.job_arguments(tool.build_parser().parse_args(["--config-file", DEMO_CONFIG, "--eval-only"]))
 
 
+def test_submit_slurm_without_submitit_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # "not installed"
+    with pytest.raises(SystemExit, match=r"needs submitit .*pip install -e '\.\[cluster\]'"):
+        load_tool("submit_slurm")._import_submitit()
+
+
 def test_requeued_job_resumes_with_resume_flag():
     from dab_detr.engine.submitit_job import TrainingJob
 
