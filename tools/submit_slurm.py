@@ -132,8 +132,8 @@ def submit(args):
     submitit, TrainingJob = _import_submitit()
     argv, output_dir = job_arguments(args)
     job_dir = os.path.abspath(args.job_dir or os.path.join(output_dir, "submitit"))
-    os.makedirs(output_dir, exist_ok=True)
     executor = _executor(submitit, args, job_dir)
+    os.makedirs(output_dir, exist_ok=True)
     job = executor.submit(TrainingJob(TRAIN_SCRIPT, argv))
     tasks = args.nodes * max(args.gpus_per_node, 1)
     print(f"Submitted job {job.job_id} ({args.cluster}, {args.nodes} node(s) x {max(args.gpus_per_node, 1)} "
