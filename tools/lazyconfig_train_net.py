@@ -7,20 +7,23 @@
     python tools/lazyconfig_train_net.py --config-file configs/dab_detr_r50.py --num-gpus 8 --resume
 
 Multi-machine: add ``--num-machines N --machine-rank R --dist-url tcp://HOST:PORT`` on every
-machine. Without a GPU, ``--num-gpus K`` starts K CPU processes (gloo backend). Any config key
-can be overridden with ``key=value`` (e.g. ``train.max_iter=1000 dataloader.train.total_batch_size=8``).
+machine, or start every process with ``torchrun --nnodes N --nproc-per-node G`` or SLURM's
+``srun`` (one task per GPU): the script then joins their job (``dab_detr.engine.launch_env``).
+Without a GPU, ``--num-gpus K`` starts K CPU processes (gloo backend). Any config key can be
+overridden with ``key=value`` (e.g. ``train.max_iter=1000 dataloader.train.total_batch_size=8``).
 The trainer lives in ``dab_detr.engine``; this script only parses arguments and launches.
 """
 import logging
 
 from detectron2.config import instantiate
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from dab_detr.checkpoint import DABDETRCheckpointer
 from dab_detr.config_checks import ConfigError, load_checked_config
 from dab_detr.engine import LazyConfigTrainer, ModelEMA, resolve_device
+from dab_detr.engine.launch_env import launch_main
 
 logger = logging.getLogger("dab_detr")
 
@@ -58,6 +61,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    # as one process of a torchrun / srun job, or Detectron2's launch with --num-gpus etc.
+    launch_main(main, default_argument_parser().parse_args())

@@ -35,6 +35,7 @@ from ..config_checks import check_config
 from ..data.resumable_loader import resumable_loader_from_config
 from .ema import EMAHook, ModelEMA
 from .rng_state import RNGState
+from .preemption import preemption_hooks
 from .train_loop import DETRTrainLoop
 
 __all__ = ["LazyConfigTrainer", "resolve_device"]
@@ -125,6 +126,7 @@ class LazyConfigTrainer(DefaultTrainer):
             ret.append(EMAHook(self.ema, _unwrap(self.model)))
         if comm.is_main_process():
             ret.append(hooks.PeriodicCheckpointer(self.checkpointer, **train.checkpointer))
+        ret.extend(preemption_hooks(self.checkpointer))  # only in jobs that handle preemption
         if train.get("eval_period", 0) > 0 and "test" in self.cfg.dataloader:
             ret.append(hooks.EvalHook(train.eval_period, self._evaluate))
         if comm.is_main_process():
