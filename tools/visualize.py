@@ -23,6 +23,7 @@
 import argparse
 import json
 import os
+import re
 import sys
 
 import matplotlib
@@ -37,6 +38,7 @@ from dab_detr.drawing import dataset_metadata  # noqa: E402
 from dab_detr.predictor import ImageReadError, Predictor, read_image_file  # noqa: E402
 
 LAST_LAYER_LOSSES = ("loss_class", "loss_bbox", "loss_giou")
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.\[\]]*=.*")
 
 
 def _class_name(metadata, index):
@@ -180,6 +182,11 @@ def plot_curves(metrics_path, output):
 
 
 def parse_args(argv=None):
+    """Config overrides ``key=value`` (``train.init_checkpoint=...`` for the weights) may stand
+    anywhere after the sub-command; they are taken out before argparse sees the rest."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = [a for a in argv if _OVERRIDE.fullmatch(a) and not os.path.exists(a)]
+    argv = [a for a in argv if a not in opts]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -190,8 +197,6 @@ def parse_args(argv=None):
         sub.add_argument("--config-file", required=True, metavar="FILE", help="a DAB-DETR LazyConfig")
         sub.add_argument("--output", default=f"output/visualize/{name}.png", help="PNG file to write")
         sub.add_argument("--device", default=None, help="cuda or cpu (default: CUDA when available)")
-        sub.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value "
-                         "(train.init_checkpoint=... for the weights)")
         return sub
 
     sub = model_command("anchors", "learned anchors on the unit square (Figure 10)", image=False)
@@ -207,7 +212,11 @@ def parse_args(argv=None):
     sub = commands.add_parser("curves", help="training curves of a run's metrics.json (Figure 9)")
     sub.add_argument("metrics", help="metrics.json of a training run")
     sub.add_argument("--output", default="output/visualize/curves.png", help="PNG file to write")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.opts = opts
+    if args.command == "curves" and opts:
+        parser.error(f"curves takes no config overrides, got {opts}")
+    return args
 
 
 def main(argv=None):
