@@ -47,6 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--output", help="folder for the drawn images (or the video); a file name for a "
                         "single image or the video")
     parser.add_argument("--confidence-threshold", type=float, default=0.5, help="draw detections scoring at least this")
+    parser.add_argument("--scale", type=float, default=1.0, help="size of the drawings relative to the input")
     parser.add_argument("--json", metavar="FILE", help="write all detections as COCO results JSON")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (one padded batch)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: CUDA when available)")
@@ -174,7 +175,7 @@ def predict_images(predictor, args, metadata, coco):
                 if coco is not None:
                     coco.add(path, instances)
                 if args.output:
-                    draw_detections(image, instances, metadata, args.confidence_threshold).save(
+                    draw_detections(image, instances, metadata, args.confidence_threshold, args.scale).save(
                         _output_path(args.output, path, ".png"))
             count += len(batch)
             bar.update(len(batch))
@@ -207,7 +208,7 @@ def predict_video(predictor, args, metadata):
                 for frame, output in zip(batch, outputs):
                     if out_path:
                         drawn = draw_detections(frame[:, :, ::-1], output["instances"], metadata,
-                                                args.confidence_threshold).get_image()
+                                                args.confidence_threshold, args.scale).get_image()
                         if writer is None:
                             fourcc = "MJPG" if out_path.lower().endswith(".avi") else "mp4v"
                             writer = cv2.VideoWriter(out_path, cv2.VideoWriter_fourcc(*fourcc), fps,

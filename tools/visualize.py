@@ -122,7 +122,7 @@ def plot_attention(predictor, image_path, output, layer=-1, queries=None, top_k=
             ax = axes[k][column]
             maps = result["maps"][k]
             attention = maps.mean(0) if head is None else maps[head]
-            ax.imshow(image)
+            ax.imshow(image.mean(axis=2), cmap="gray")  # grey image under the coloured map
             extent_w, extent_h = result["extent"]
             ax.imshow(attention.numpy(), cmap="jet", alpha=0.55, extent=(0, extent_w, extent_h, 0),
                       interpolation="bilinear")
