@@ -35,7 +35,6 @@ from dab_detr.predictor import ImageReadError, Predictor, read_image_file
 
 logger = logging.getLogger("dab_detr.predict")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 _OVERRIDE = re.compile(r"[A-Za-z_][\w.\[\]]*=.*")
 
 
