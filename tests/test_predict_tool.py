@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import load_tool
 from detectron2.config import LazyConfig
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -22,9 +22,12 @@ DEMO_NAMES = ("dab_demo_train", "dab_demo_val")
 
 
 def _unregister():
+    """Forget the demo datasets (their metadata too: it records the root they were registered with)."""
     for name in DEMO_NAMES:
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
+        if name in MetadataCatalog.list():
+            MetadataCatalog.remove(name)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import Backbone
 from PIL import Image
 from torchvision.ops import box_iou
@@ -67,6 +68,18 @@ def random_image(height, width, seed):
     rng = np.random.RandomState(seed)
     small = rng.randint(0, 256, (max(2, height // 8), max(2, width // 8), 3)).astype(np.uint8)
     return np.asarray(Image.fromarray(small).resize((width, height), Image.BILINEAR))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def forget_demo_datasets():
+    """Loading the demo config registers the demo datasets under the default root: forget them
+    afterwards (metadata included), so that a later test can register them elsewhere."""
+    yield
+    for name in ("dab_demo_train", "dab_demo_val"):
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+        if name in MetadataCatalog.list():
+            MetadataCatalog.remove(name)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from PIL import Image
 
 from dab_detr import Predictor
 from dab_detr.decoder_inspection import attention_logits, capture_cross_attention, positional_attention
-from test_predictor import DEMO_CONFIG, SMALL, random_image, save_random_checkpoint, small_config
+from test_predictor import (  # noqa: F401 (forget_demo_datasets: an autouse fixture)
+    DEMO_CONFIG, SMALL, forget_demo_datasets, random_image, save_random_checkpoint, small_config)
 
 
 @pytest.fixture(scope="module")
