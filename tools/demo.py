@@ -18,32 +18,29 @@ import time
 
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data import detection_utils as utils
+from detectron2.data import DatasetCatalog
 from detectron2.engine import default_setup
 from detectron2.utils.logger import setup_logger
-from detectron2.utils.visualizer import Visualizer
 
 from dab_detr.checkpoint import DABDETRCheckpointer
+from dab_detr.drawing import dataset_metadata, draw_detections
 from dab_detr.engine import LazyConfigTrainer
+from dab_detr.predictor import Predictor, read_image_file
 
 logger = logging.getLogger("dab_detr.demo")
 
 
 def draw_predictions(cfg, model, out_dir, num_images, score_threshold):
-    """Save ``num_images`` validation images with predicted (and ground-truth) boxes drawn."""
-    dataset_name = cfg.dataloader.test.dataset.names
-    metadata = MetadataCatalog.get(dataset_name)
-    mapper = instantiate(cfg.dataloader.test.mapper)
+    """Save ``num_images`` validation images with the predicted boxes drawn (through
+    ``dab_detr.Predictor`` and ``dab_detr.drawing``, as ``tools/predict.py`` draws them)."""
+    predictor = Predictor.from_model(cfg, model)
+    metadata = dataset_metadata(cfg)
     os.makedirs(out_dir, exist_ok=True)
-    model.eval()
     paths = []
-    for record in DatasetCatalog.get(dataset_name)[:num_images]:
-        with torch.no_grad():
-            instances = model([mapper(record)])[0]["instances"].to("cpu")
-        instances = instances[instances.scores >= score_threshold]
-        image = utils.read_image(record["file_name"], format="RGB")
-        drawn = Visualizer(image, metadata, scale=3.0).draw_instance_predictions(instances)
+    for record in DatasetCatalog.get(cfg.dataloader.test.dataset.names)[:num_images]:
+        image = read_image_file(record["file_name"], "RGB")
+        instances = predictor(image, array_format="RGB")["instances"]
+        drawn = draw_detections(image, instances, metadata, score_threshold, scale=3.0)
         path = os.path.join(out_dir, os.path.splitext(os.path.basename(record["file_name"]))[0] + "_pred.png")
         drawn.save(path)
         paths.append(path)
