@@ -138,6 +138,7 @@ def original_checkpoint(state_dict: Dict[str, torch.Tensor], **args) -> Dict:
 # ----------------------------------------------------------------------------- transformers layout
 _ORIGINAL_TO_HF = [
     (r"^backbone\.0\.body\.", "model.backbone.conv_encoder.model._backbone."),
+    (r"^backbone\.", "model.backbone.conv_encoder.model.swin."),  # a Swin backbone (hf_reference(backbone="swin_t"))
     (r"^input_proj\.", "model.input_projection."),
     (r"^refpoint_embed\.weight$", "model.query_refpoint_embeddings.weight"),
     (r"^transformer\.patterns\.weight$", "model.patterns.weight"),
@@ -241,11 +242,18 @@ def _detrex_value(name: str, shape, g: torch.Generator) -> torch.Tensor:
 
 
 def random_detrex_checkpoint(model: str, seed: int = 0) -> Tuple[str, Dict[str, torch.Tensor]]:
-    """(released file name, random state dict with exactly the key list's names and shapes).
+    """(released file name, random state dict with exactly the key list's names and shapes);
+    cached (callers get a new dict of shared tensors).
 
     Modules that detrex registers twice hold one tensor under both names: the FFN's PReLU
     (``ffns.0.activation`` and ``ffns.0.layers.0.1``) and the box head (``bbox_embed`` and
     ``transformer.decoder.bbox_embed``, the same MLP assigned to the decoder)."""
+    name, sd = _random_detrex_checkpoint(model, seed)
+    return name, dict(sd)
+
+
+@functools.lru_cache(maxsize=2)
+def _random_detrex_checkpoint(model: str, seed: int):
     header, shapes = read_key_list(DETREX_MODELS[model][0])
     g = torch.Generator().manual_seed(seed)
     sd = {k: _detrex_value(k, shape, g) for k, shape in shapes.items()}
@@ -352,19 +360,42 @@ def original_to_detrex(sd: Dict[str, torch.Tensor], dc5: bool = False) -> Dict[s
 
 
 # ----------------------------------------------------------------------------- reference model
-def hf_reference(num_patterns: int = 0, dilation: bool = False, temperature: int = 20):
+def hf_reference(num_patterns: int = 0, dilation: bool = False, temperature: int = 20, num_labels: int = 91,
+                 backbone: str = "resnet50"):
     """``DabDetrForObjectDetection`` configured as the original (SPEC): no dropout, PReLU,
-    91 classes, 300 queries, image-PE temperature ``temperature``, timm ResNet-50 (DC5 with
-    ``dilation``). Random weights; load a state dict into it."""
+    ``num_labels`` classes (the original's 91, detrex's 80), 300 queries, image-PE temperature
+    ``temperature``, timm ResNet-50/101 (``backbone``; DC5 with ``dilation``), or with
+    ``backbone="swin_t"`` Detectron2's Swin-T (the class detrex's Swin-T config builds) in place
+    of the timm ResNet. Random weights; load a state dict into it."""
     from transformers import DabDetrConfig, DabDetrForObjectDetection
 
     config = DabDetrConfig(
-        num_labels=91, num_queries=300, num_patterns=num_patterns, dilation=dilation,
-        temperature_height=temperature, temperature_width=temperature,
+        num_labels=num_labels, num_queries=300, num_patterns=num_patterns, dilation=dilation,
+        temperature_height=temperature, temperature_width=temperature, backbone="resnet50" if backbone == "swin_t" else backbone,
         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, activation_function="prelu",
         auxiliary_loss=True, keep_query_pos=False, random_refpoints_xy=False, normalize_before=False,
     )
-    return DabDetrForObjectDetection(config).eval()
+    model = DabDetrForObjectDetection(config)
+    if backbone == "swin_t":
+        model.model.backbone.conv_encoder.model = _SwinFeatures()
+        model.model.input_projection = torch.nn.Conv2d(768, config.hidden_size, kernel_size=1)
+    return model.eval()
+
+
+class _SwinFeatures(torch.nn.Module):
+    """Detectron2's SwinTransformer-T as transformers' backbone: ``.feature_maps`` = [p3]."""
+
+    def __init__(self):
+        from detectron2.modeling.backbone import SwinTransformer
+
+        super().__init__()
+        self.swin = SwinTransformer(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7,
+                                    out_indices=(3,))
+
+    def forward(self, pixel_values):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(feature_maps=[self.swin(pixel_values)["p3"]])
 
 
 def hf_per_layer(hf_model, pixel_values: torch.Tensor, padding_mask: torch.Tensor):

@@ -10,11 +10,14 @@ __all__ = ["SourceLayout", "weights_under_model"]
 
 
 def weights_under_model(obj: Any, path: str) -> Tuple[Dict, Dict]:
-    """The usual file: ``{"model": state_dict, ...}`` (Detectron2, detrex) or a bare state dict."""
+    """The usual file: ``{"model": state_dict, ...}`` (Detectron2, detrex) or a bare state dict;
+    a ``{"state_dict": ...}`` file (mmengine, Lightning) is read too, so that its keys can tell
+    the user which ``--source`` it is."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
-    if isinstance(obj.get("model"), dict):
-        return obj["model"], {}
+    for entry in ("model", "state_dict"):
+        if isinstance(obj.get(entry), dict):
+            return obj[entry], {}
     return obj, {}
 
 
