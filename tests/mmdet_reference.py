@@ -57,7 +57,6 @@ def main(mmdet_dir: str, work_dir: str) -> None:
 
     mmdet = import_mmdet(mmdet_dir)
     from mmengine.config import Config
-    from mmengine.structures import InstanceData  # noqa: F401  (registers mmengine types)
     from mmdet.registry import MODELS
     from mmdet.structures import DetDataSample
 
