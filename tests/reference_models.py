@@ -9,6 +9,7 @@ transformers renaming follows transformers' own conversion script (not shipped i
 import argparse
 import functools
 import math
+import os
 import re
 from typing import Dict, Tuple
 
@@ -137,6 +138,7 @@ def original_checkpoint(state_dict: Dict[str, torch.Tensor], **args) -> Dict:
 # ----------------------------------------------------------------------------- transformers layout
 _ORIGINAL_TO_HF = [
     (r"^backbone\.0\.body\.", "model.backbone.conv_encoder.model._backbone."),
+    (r"^backbone\.", "model.backbone.conv_encoder.model.swin."),  # a Swin backbone (hf_reference(backbone="swin_t"))
     (r"^input_proj\.", "model.input_projection."),
     (r"^refpoint_embed\.weight$", "model.query_refpoint_embeddings.weight"),
     (r"^transformer\.patterns\.weight$", "model.patterns.weight"),
@@ -190,6 +192,80 @@ def original_to_hf(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- detrex layout
+# The key lists of detrex's released DAB-DETR files (shared/spec-data, copied to tests/data): every
+# state-dict key with its shape, as detrex's LazyConfigs build the models. Test checkpoints of the
+# detrex layout are built from these lists only.
+KEY_LISTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "key_lists")
+DETREX_MODELS = {  # name: (key list, num_patterns, DC5, ResNet depth or None for Swin-T)
+    "R50": ("detrex_dab_detr_r50_keys.txt", 0, False, 50),
+    "R50-3patterns": ("detrex_dab_detr_r50_3patterns_keys.txt", 3, False, 50),
+    "R50-DC5": ("detrex_dab_detr_r50_dc5_keys.txt", 0, True, 50),
+    "R50-DC5-3patterns": ("detrex_dab_detr_r50_dc5_3patterns_keys.txt", 3, True, 50),
+    "R101": ("detrex_dab_detr_r101_keys.txt", 0, False, 101),
+    "Swin-T": ("detrex_dab_detr_swin_t_keys.txt", 0, False, None),
+}
+
+
+def read_key_list(file_name: str) -> Tuple[str, Dict[str, Tuple[int, ...]]]:
+    """(header line, {key: shape}) of a key list ``name [d0, d1, ...]`` per line."""
+    with open(os.path.join(KEY_LISTS, file_name), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    shapes = {}
+    for line in lines[1:]:
+        key, shape = line.split(" ", 1)
+        shapes[key] = tuple(int(d) for d in shape.strip("[]").split(",") if d.strip())
+    return lines[0], shapes
+
+
+def released_file_name(header: str) -> str:
+    """The released file name a key list's header names ("released as X.pth")."""
+    return re.search(r"released as ([\w.\-]+\.pth)", header).group(1)
+
+
+def _swin_relative_position_index(window: int) -> torch.Tensor:
+    """The fixed buffer of a Swin window attention: index of (dy + w - 1) * (2w - 1) + dx + w - 1."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+    return rel[..., 0] * (2 * window - 1) + rel[..., 1]
+
+
+def _detrex_value(name: str, shape, g: torch.Generator) -> torch.Tensor:
+    if name.endswith("relative_position_index"):
+        return _swin_relative_position_index(int(math.isqrt(shape[0])))
+    if re.search(r"(norms\.\d|norm\d?|bn\d|downsample\.1)\.weight$", name):
+        return 1.0 + 0.1 * torch.randn(shape, generator=g)
+    if name.endswith(("ffns.0.activation.weight", "ffns.0.layers.0.1.weight")):
+        return 0.25 + 0.05 * torch.randn(shape, generator=g)
+    if name in ("anchor_box_embed.weight", "transformer.patterns.weight"):
+        return torch.randn(shape, generator=g)
+    return _random_value(name, shape, g)
+
+
+def random_detrex_checkpoint(model: str, seed: int = 0) -> Tuple[str, Dict[str, torch.Tensor]]:
+    """(released file name, random state dict with exactly the key list's names and shapes);
+    cached (callers get a new dict of shared tensors).
+
+    Modules that detrex registers twice hold one tensor under both names: the FFN's PReLU
+    (``ffns.0.activation`` and ``ffns.0.layers.0.1``) and the box head (``bbox_embed`` and
+    ``transformer.decoder.bbox_embed``, the same MLP assigned to the decoder)."""
+    name, sd = _random_detrex_checkpoint(model, seed)
+    return name, dict(sd)
+
+
+@functools.lru_cache(maxsize=2)
+def _random_detrex_checkpoint(model: str, seed: int):
+    header, shapes = read_key_list(DETREX_MODELS[model][0])
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: _detrex_value(k, shape, g) for k, shape in shapes.items()}
+    sd["bbox_embed.layers.2.weight"].mul_(0.3)  # the last box layer of a trained model: modest offsets
+    for k in sd:
+        if k.endswith("ffns.0.layers.0.1.weight"):
+            sd[k] = sd[k.replace("layers.0.1.weight", "activation.weight")].clone()
+        if k.startswith("transformer.decoder.bbox_embed."):
+            sd[k] = sd[k[len("transformer.decoder."):]].clone()
+    return released_file_name(header), sd
+
+
 def _tv_to_d2(name: str) -> str:
     """torchvision ResNet name -> Detectron2 name, as Detectron2's convert-torchvision-to-d2 does."""
     if "layer" not in name:
@@ -201,72 +277,125 @@ def _tv_to_d2(name: str) -> str:
     return name.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
 
 
-def original_to_detrex(sd: Dict[str, torch.Tensor], num_classes: int = 80) -> Dict[str, torch.Tensor]:
-    """Original names -> detrex ``projects/dab_detr`` names (Detectron2 backbone, generic layer
-    lists, the PReLU stored twice per FFN); ``num_classes`` 80 keeps the COCO rows."""
+def _d2_to_tv(name: str) -> str:
+    """Detectron2 ResNet name -> torchvision name (the inverse of Detectron2's conversion script)."""
+    if name.startswith("stem.conv1.norm."):
+        return "bn1." + name[len("stem.conv1.norm."):]
+    if name.startswith("stem."):
+        return name[len("stem."):]
+    m = re.match(r"res(\d)\.(\d+)\.(.+)$", name)
+    rest = re.sub(r"^conv(\d)\.norm\.", r"bn\1.", m.group(3))
+    rest = rest.replace("shortcut.norm.", "downsample.1.").replace("shortcut.", "downsample.0.")
+    return f"layer{int(m.group(1)) - 1}.{m.group(2)}.{rest}"
+
+
+_DETREX_DECODER = {"attentions.0.query_content_proj": "sa_qcontent_proj", "attentions.0.query_pos_proj": "sa_qpos_proj",
+                   "attentions.0.key_content_proj": "sa_kcontent_proj", "attentions.0.key_pos_proj": "sa_kpos_proj",
+                   "attentions.0.value_proj": "sa_v_proj", "attentions.0.out_proj": "self_attn.out_proj",
+                   "attentions.1.query_content_proj": "ca_qcontent_proj", "attentions.1.query_pos_proj": "ca_qpos_proj",
+                   "attentions.1.query_pos_sine_proj": "ca_qpos_sine_proj",
+                   "attentions.1.key_content_proj": "ca_kcontent_proj", "attentions.1.key_pos_proj": "ca_kpos_proj",
+                   "attentions.1.value_proj": "ca_v_proj", "attentions.1.out_proj": "cross_attn.out_proj"}
+
+
+def detrex_to_original(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """detrex names -> the original repository's names (a Swin backbone keeps ``backbone.*``).
+    Written from detrex's module structure; the PReLU's second copy is checked equal and dropped."""
     out = {}
     for k, v in sd.items():
-        v = v.clone()
-        if k.startswith("backbone.0.body."):
-            out["backbone." + _tv_to_d2(k[len("backbone.0.body."):])] = v
+        if k.startswith("backbone.body."):  # detrex's TorchvisionResNet (DC5)
+            out["backbone.0.body." + k[len("backbone.body."):]] = v
             continue
-        if k.startswith("class_embed.") and num_classes == 80:
-            out[k] = v[COCO_IDS].clone()
+        if re.match(r"backbone\.(stem|res\d)\.", k):
+            out["backbone.0.body." + _d2_to_tv(k[len("backbone."):])] = v
             continue
-        m = re.match(r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(.+)$", k)
-        if not m:
-            out[k.replace("transformer.decoder.norm.", "transformer.decoder.post_norm_layer.")] = v
+        if k.endswith("ffns.0.layers.0.1.weight"):
+            assert torch.equal(v, sd[k.replace("layers.0.1.weight", "activation.weight")]), k
             continue
-        part, i, rest = m.groups()
-        p = f"transformer.{part}.layers.{i}."
-        table = {
-            "self_attn.in_proj_weight": "attentions.0.attn.in_proj_weight",
-            "self_attn.in_proj_bias": "attentions.0.attn.in_proj_bias",
-            "linear1.weight": "ffns.0.layers.0.0.weight", "linear1.bias": "ffns.0.layers.0.0.bias",
-            "linear2.weight": "ffns.0.layers.1.weight", "linear2.bias": "ffns.0.layers.1.bias",
-            "norm1.weight": "norms.0.weight", "norm1.bias": "norms.0.bias",
-            "norm2.weight": "norms.1.weight", "norm2.bias": "norms.1.bias",
-            "norm3.weight": "norms.2.weight", "norm3.bias": "norms.2.bias",
-        }
-        for ours, theirs in [("sa_qcontent_proj", "attentions.0.query_content_proj"),
-                             ("sa_qpos_proj", "attentions.0.query_pos_proj"),
-                             ("sa_kcontent_proj", "attentions.0.key_content_proj"),
-                             ("sa_kpos_proj", "attentions.0.key_pos_proj"),
-                             ("sa_v_proj", "attentions.0.value_proj"),
-                             ("ca_qcontent_proj", "attentions.1.query_content_proj"),
-                             ("ca_qpos_proj", "attentions.1.query_pos_proj"),
-                             ("ca_qpos_sine_proj", "attentions.1.query_pos_sine_proj"),
-                             ("ca_kcontent_proj", "attentions.1.key_content_proj"),
-                             ("ca_kpos_proj", "attentions.1.key_pos_proj"),
-                             ("ca_v_proj", "attentions.1.value_proj"),
-                             ("cross_attn.out_proj", "attentions.1.out_proj")]:
-            for wb in ("weight", "bias"):
-                table[f"{ours}.{wb}"] = f"{theirs}.{wb}"
-        for wb in ("weight", "bias"):
-            table[f"self_attn.out_proj.{wb}"] = ("attentions.0.attn.out_proj." if part == "encoder"
-                                                 else "attentions.0.out_proj.") + wb
-        if rest == "activation.weight":
-            out[p + "ffns.0.activation.weight"] = v
-            out[p + "ffns.0.layers.0.1.weight"] = v.clone()
+        m = re.match(r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(.+)\.(weight|bias|in_proj_weight|in_proj_bias)$", k)
+        if m:
+            part, i, module, wb = m.groups()
+            if module == "attentions.0.attn":
+                module = "self_attn"
+            elif module == "attentions.0.attn.out_proj":
+                module = "self_attn.out_proj"
+            elif module.startswith("norms."):
+                module = f"norm{int(module[-1]) + 1}"
+            else:
+                module = {"ffns.0.layers.0.0": "linear1", "ffns.0.layers.1": "linear2",
+                          "ffns.0.activation": "activation", **_DETREX_DECODER}[module]
+            out[f"transformer.{part}.layers.{i}.{module}.{wb}"] = v
             continue
-        out[p + table[rest]] = v
+        k = {"anchor_box_embed.weight": "refpoint_embed.weight"}.get(k, k)
+        out[k.replace("transformer.decoder.post_norm_layer.", "transformer.decoder.norm.")] = v
+    return out
+
+
+def original_to_detrex(sd: Dict[str, torch.Tensor], dc5: bool = False) -> Dict[str, torch.Tensor]:
+    """Original-layout weights (91 or 80 classes) written in detrex's layout (the inverse of
+    ``detrex_to_original``; 91 class rows become the 80 of COCO_IDS); checked to give exactly the
+    names and shapes of detrex's key list for that model."""
+    patterns = sd["transformer.patterns.weight"].shape[0] if "transformer.patterns.weight" in sd else 0
+    model = {(0, False): "R50", (3, False): "R50-3patterns", (0, True): "R50-DC5", (3, True): "R50-DC5-3patterns"}
+    _, shapes = read_key_list(DETREX_MODELS[model[patterns, dc5]][0])
+    template = {k: torch.empty(0) for k in shapes}
+    names = {}  # original name -> detrex name, from the key list through detrex_to_original
+    for k in shapes:
+        if k.endswith("ffns.0.layers.0.1.weight"):
+            continue
+        (orig,) = detrex_to_original({k: template[k]}).keys()
+        names[orig] = k
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("class_embed.") and v.shape[0] == 91:
+            v = v[COCO_IDS]
+        if k not in names:
+            raise KeyError(f"{k} has no place in detrex's layout")
+        out[names[k]] = v.clone()
+    for k in shapes:
+        if k.endswith("ffns.0.layers.0.1.weight"):
+            out[k] = out[k.replace("layers.0.1.weight", "activation.weight")].clone()
+    assert {k: tuple(v.shape) for k, v in out.items()} == shapes
     return out
 
 
 # ----------------------------------------------------------------------------- reference model
-def hf_reference(num_patterns: int = 0, dilation: bool = False, temperature: int = 20):
+def hf_reference(num_patterns: int = 0, dilation: bool = False, temperature: int = 20, num_labels: int = 91,
+                 backbone: str = "resnet50"):
     """``DabDetrForObjectDetection`` configured as the original (SPEC): no dropout, PReLU,
-    91 classes, 300 queries, image-PE temperature ``temperature``, timm ResNet-50 (DC5 with
-    ``dilation``). Random weights; load a state dict into it."""
+    ``num_labels`` classes (the original's 91, detrex's 80), 300 queries, image-PE temperature
+    ``temperature``, timm ResNet-50/101 (``backbone``; DC5 with ``dilation``), or with
+    ``backbone="swin_t"`` Detectron2's Swin-T (the class detrex's Swin-T config builds) in place
+    of the timm ResNet. Random weights; load a state dict into it."""
     from transformers import DabDetrConfig, DabDetrForObjectDetection
 
     config = DabDetrConfig(
-        num_labels=91, num_queries=300, num_patterns=num_patterns, dilation=dilation,
-        temperature_height=temperature, temperature_width=temperature,
+        num_labels=num_labels, num_queries=300, num_patterns=num_patterns, dilation=dilation,
+        temperature_height=temperature, temperature_width=temperature, backbone="resnet50" if backbone == "swin_t" else backbone,
         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, activation_function="prelu",
         auxiliary_loss=True, keep_query_pos=False, random_refpoints_xy=False, normalize_before=False,
     )
-    return DabDetrForObjectDetection(config).eval()
+    model = DabDetrForObjectDetection(config)
+    if backbone == "swin_t":
+        model.model.backbone.conv_encoder.model = _SwinFeatures()
+        model.model.input_projection = torch.nn.Conv2d(768, config.hidden_size, kernel_size=1)
+    return model.eval()
+
+
+class _SwinFeatures(torch.nn.Module):
+    """Detectron2's SwinTransformer-T as transformers' backbone: ``.feature_maps`` = [p3]."""
+
+    def __init__(self):
+        from detectron2.modeling.backbone import SwinTransformer
+
+        super().__init__()
+        self.swin = SwinTransformer(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7,
+                                    out_indices=(3,))
+
+    def forward(self, pixel_values):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(feature_maps=[self.swin(pixel_values)["p3"]])
 
 
 def hf_per_layer(hf_model, pixel_values: torch.Tensor, padding_mask: torch.Tensor):

@@ -14,7 +14,7 @@ from conftest import load_tool, MODEL_CONFIG
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
 from reference_models import (COCO_IDS, original_checkpoint, original_to_detrex, original_to_hf,
-                              random_original_state_dict)
+                              random_detrex_checkpoint, random_original_state_dict)
 from safetensors.torch import save_file
 
 from dab_detr.checkpoint import (CheckpointError, DABDETRCheckpointer, UnsafeCheckpointError, Variant,
@@ -55,21 +55,16 @@ def test_expected_layout_is_exactly_the_models_state_dict():
     assert _model_shapes(cfg) == dabdetr_shapes(Variant("R101"))
 
 
-def test_detrex_swin_t_checkpoint_fits_the_swin_t_config(original_sd):
-    from detectron2.modeling.backbone import SwinTransformer
-
+def test_detrex_swin_t_checkpoint_fits_the_swin_t_config():
     model = instantiate(LazyConfig.load(os.path.join(REPO, "configs/dab_detr_swin_t.py")).model)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert ours == dabdetr_shapes(Variant("Swin-T"))
-    # detrex's Swin-T checkpoint: Detectron2 Swin with all four outputs (norm0..norm3)
-    detrex = {k: v for k, v in original_to_detrex(original_sd).items() if not k.startswith("backbone.")}
-    detrex["input_proj.weight"] = torch.randn(256, 768, 1, 1)
-    swin = SwinTransformer(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)).state_dict()
-    detrex.update({"backbone." + k: v for k, v in swin.items()})
-    result = convert_state_dict(detrex, "detrex", file_name="dab_detr_swin_t_in1k_50ep.pth")
-    assert result.config == "configs/dab_detr_swin_t.py"
+    # detrex's Swin-T file, from detrex's key list (only the last stage's output norm, norm3)
+    file_name, detrex = random_detrex_checkpoint("Swin-T")
+    result = convert_state_dict(detrex, "detrex", file_name=file_name)
+    assert result.config == "configs/dab_detr_swin_t.py" and result.overrides == []
     assert {k: tuple(v.shape) for k, v in result.state_dict.items()} == ours
-    assert any("backbone.norm0.weight" in note for note in result.notes)
+    assert torch.equal(result.state_dict["backbone.norm3.weight"], detrex["backbone.norm3.weight"])
 
 
 # every config the converter names (the model-zoo table's rows) and what it must reproduce
@@ -162,14 +157,52 @@ def test_hf_safetensors_with_and_without_tied_copy(original_sd, tmp_path):
 
 def test_detrex_layout_converts_to_the_same_weights(original_sd, tmp_path):
     reference = convert_state_dict(original_sd, "original").state_dict
-    for num_classes in (80, 91):  # detrex's own training (80) and its conversions of the original (91)
-        detrex = original_to_detrex(original_sd, num_classes=num_classes)
-        assert any(".ffns.0.activation.weight" in k for k in detrex)
+    for dc5, name, config in ((False, "dab_detr_r50_50ep.pth", "configs/dab_detr_r50.py"),
+                              (True, "converted_dab_detr_r50_dc5.pth", "configs/dab_detr_r50_dc5.py")):
+        detrex = original_to_detrex(original_sd, dc5=dc5)  # detrex's real names (checked against its key list)
+        assert ("anchor_box_embed.weight" in detrex) and (any(k.startswith("backbone.body.") for k in detrex) == dc5)
         ckpt = {"model": detrex, "trainer": {"iteration": 10}, "iteration": 10}
-        result = convert_checkpoint_file(_save(ckpt, tmp_path / "dab_detr_r50_50ep.pth"), None, "detrex")
-        assert result.config == "configs/dab_detr_r50.py"
+        result = convert_checkpoint_file(_save(ckpt, tmp_path / name), None, "detrex")
+        assert result.config == config and result.variant.dilation == dc5
         assert result.state_dict.keys() == reference.keys()
         assert all(torch.equal(result.state_dict[k], reference[k]) for k in reference)
+
+
+def test_evaluation_command_carries_saved_settings_of_plain_r50(original_sd, tmp_path, capsys):
+    """A plain (not DC5) original R50 trained with image-PE temperature 10: the config plus overrides."""
+    src = _save(original_checkpoint(original_sd, pe_temperatureH=10, pe_temperatureW=10), tmp_path / "checkpoint.pth")
+    out = str(tmp_path / "converted.pth")
+    assert convert_main(["--source", "original", src, out]) == 0
+    assert (f"python tools/lazyconfig_train_net.py --config-file configs/dab_detr_r50.py --eval-only "
+            f"train.init_checkpoint={out} model.position_embedding.temperature_h=10 "
+            f"model.position_embedding.temperature_w=10\n") in capsys.readouterr().out
+
+
+def _original_deformable_state_dict(num_patterns):
+    """Zeros with the original DAB-Deformable-DETR's 604 keys (shared/spec-data list), plus the
+    pattern embeddings the original registers with --num_patterns."""
+    sd = {}
+    with open(os.path.join(REPO, "tests", "data", "key_lists", "dab_deformable_detr_keys.txt")) as f:
+        for line in (line for line in f if "\t" in line):  # the last line is a "# keys: ..." summary
+            name, shape, _ = line.rstrip("\n").split("\t")
+            sd[name] = torch.zeros([int(d) for d in shape.strip("[]").split(",") if d.strip()])
+    if num_patterns:
+        sd["patterns_embed.weight"] = torch.zeros(num_patterns, 256)
+    return sd
+
+
+def test_evaluation_command_carries_deformable_dilation_and_patterns(tmp_path, capsys):
+    sd = _original_deformable_state_dict(num_patterns=3)
+    src = _save(original_checkpoint(sd, dilation=True, num_patterns=3), tmp_path / "checkpoint0049.pth")
+    out = str(tmp_path / "converted.pth")
+    assert convert_main(["--source", "original", src, out]) == 0
+    assert (f"--config-file configs/dab_deformable_detr_r50.py --eval-only train.init_checkpoint={out} "
+            f"model.num_patterns=3 model.backbone.stages.res5_dilation=2\n") in capsys.readouterr().out
+    # without saved arguments: nothing to override
+    ckpt = original_checkpoint(_original_deformable_state_dict(0))
+    del ckpt["args"]
+    result = convert_checkpoint_file(_save(ckpt, tmp_path / "v2.pth"), None, "original")
+    assert result.config == "configs/dab_deformable_detr_r50.py" and result.overrides == []
 
 
 def test_three_pattern_checkpoint_is_detected(tmp_path):

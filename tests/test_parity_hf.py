@@ -88,8 +88,8 @@ def _write_layout(layout, sd, hf_model, folder, num_patterns, dc5, temperature):
         save_file(weights, str(path))
         hf_model.config.to_json_file(str(folder / "config.json"))
     else:
-        path = folder / ("dab_detr_r50_dc5_50ep.pth" if dc5 else "dab_detr_r50_50ep.pth")
-        torch.save({"model": original_to_detrex(sd), "iteration": 100}, path)
+        path = folder / ("converted_dab_detr_r50_dc5.pth" if dc5 else "dab_detr_r50_50ep.pth")
+        torch.save({"model": original_to_detrex(sd, dc5=dc5), "iteration": 100}, path)
     return str(path)
 
 

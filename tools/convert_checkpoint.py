@@ -4,49 +4,53 @@
     python tools/convert_checkpoint.py --source original checkpoint.pth output/dab_detr_r50.pth
     python tools/convert_checkpoint.py --source hf model.safetensors output/dab_detr_r50_hf.pth
     python tools/convert_checkpoint.py --source detrex dab_detr_r50_50ep.pth output/dab_detr_r50_detrex.pth
+    python tools/convert_checkpoint.py --source mmdet dab-detr_r50_8xb2-50e_coco_20221122_120837-c1035c8c.pth \\
+        output/dab_detr_r50_mmdet.pth
 
-then evaluate with the config it prints, e.g.
+It prints the exact command that evaluates the result: the config that builds the checkpoint's
+model plus the overrides for every setting the checkpoint saves that the config does not have
+(queries, patterns, classes, DC5, image position-embedding temperature), e.g.
 
-    python tools/lazyconfig_train_net.py --config-file configs/dab_detr_r50.py --eval-only \
+    python tools/lazyconfig_train_net.py --config-file configs/dab_detr_r50.py --eval-only \\
         train.init_checkpoint=output/dab_detr_r50.pth
 
 Every tensor of the input is accounted for: unmapped, missing or mis-shaped keys stop the
-conversion with a list of them. ``--config`` additionally checks the result against the model
-that config builds.
+conversion with a list of them; keys a layout drops on purpose are listed with the reason.
+``--config`` additionally checks the result against the model that config builds.
 """
 import argparse
 import sys
 
-from dab_detr.checkpoint import SOURCES, CheckpointError, convert_checkpoint_file
+from dab_detr.checkpoint import LAYOUTS, SOURCES, CheckpointError, convert_checkpoint_file
 
 
-def _check_against_config(state_dict, config_file):
+def _check_against_config(state_dict, config_file, overrides):
     from detectron2.config import LazyConfig, instantiate
 
-    model = instantiate(LazyConfig.load(config_file).model)
+    model = instantiate(LazyConfig.apply_overrides(LazyConfig.load(config_file), overrides).model)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(ours) - set(state_dict))
     extra = sorted(set(state_dict) - set(ours))
     wrong = [f"{k}: {tuple(state_dict[k].shape)} vs {ours[k]}" for k in sorted(set(ours) & set(state_dict))
              if tuple(state_dict[k].shape) != ours[k]]
     if missing or extra or wrong:
-        raise CheckpointError(f"the converted weights do not fit the model of {config_file}: "
+        raise CheckpointError(f"the converted weights do not fit the model of {config_file} {' '.join(overrides)}: "
                               f"missing {missing}, extra {extra}, shape mismatches {wrong}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True, choices=SOURCES,
-                        help="who released the checkpoint: original (IDEA-Research/DAB-DETR), detrex, "
-                             "or hf (transformers' DabDetrForObjectDetection)")
+                        help="who released the checkpoint: " + "; ".join(f"{n}: {l.description}" for n, l in LAYOUTS.items()))
     parser.add_argument("input", help="checkpoint to convert (.pth, .bin or .safetensors)")
     parser.add_argument("output", help="where to write the converted checkpoint (.pth)")
-    parser.add_argument("--config", help="optionally check the result against the model this LazyConfig builds")
+    parser.add_argument("--config", help="optionally check the result against the model this LazyConfig builds "
+                                         "(with the overrides the converter finds)")
     args = parser.parse_args(argv)
     try:
         result = convert_checkpoint_file(args.input, None, args.source)
         if args.config:
-            _check_against_config(result.state_dict, args.config)
+            _check_against_config(result.state_dict, args.config, result.overrides)
         import torch
 
         torch.save(result.checkpoint(args.input), args.output)
@@ -58,10 +62,11 @@ def main(argv=None) -> int:
     for note in result.notes:
         print(f"  {note}")
     print(f"model: {v.backbone}, {v.num_queries} queries, {v.num_patterns} patterns, {v.num_classes} classes")
-    print(f"evaluate it with: {result.config}  (train.init_checkpoint={args.output})")
-    if v.dilation is None and v.backbone in ("R50", "R101"):
-        print("  note: DC5 and plain models have the same weights; the config above was chosen from the file "
-              "name. Use a *_dc5* config for DC5 checkpoints.")
+    print("evaluate it with:")
+    print(f"  {result.command(args.output)}")
+    if v.dilation is None and v.backbone in ("R50", "R101") and v.family == "":
+        print("  note: DC5 and plain models have the same weights and this file does not say which it is; the config "
+              "above was chosen from the file name. Use a *_dc5* config for DC5 checkpoints.")
     return 0
 
 

@@ -20,7 +20,7 @@ from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from dab_detr.checkpoint import DABDETRCheckpointer
+from dab_detr.checkpoint import CheckpointError, DABDETRCheckpointer
 from dab_detr.config_checks import ConfigError, load_checked_config
 from dab_detr.engine import LazyConfigTrainer, ModelEMA, resolve_device
 from dab_detr.engine.launch_env import launch_main
@@ -32,7 +32,10 @@ def evaluate(cfg):
     """``--eval-only``: load ``train.init_checkpoint`` (and its EMA weights when the config
     enables EMA) and evaluate on ``dataloader.test``."""
     model = instantiate(cfg.model).to(resolve_device(cfg.train.get("device", None)))
-    extra = DABDETRCheckpointer(model).load(cfg.train.init_checkpoint)
+    try:
+        extra = DABDETRCheckpointer(model).load(cfg.train.init_checkpoint)
+    except CheckpointError as e:  # a checkpoint that does not fit: the message says why and the fix
+        raise SystemExit(f"error: {e}") from None
     ema = None
     if cfg.train.get("model_ema", {}).get("enabled", False) and "model_ema" in (extra or {}):
         ema = ModelEMA(model)

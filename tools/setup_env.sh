@@ -32,6 +32,12 @@ TEST_DEPS=("transformers==5.23.0" "timm==1.0.31" "safetensors==0.8.0" "scikit-im
 #   export  (ONNX export and onnxruntime; torch.onnx's exporter needs onnxscript)
 #   cluster (SLURM jobs through submitit)
 EXTRA_DEPS=("onnx==1.23.2" "onnxruntime==1.31.1" "onnxscript==0.7.2" "submitit==1.5.4")
+# test-only reference for `--source mmdet`: MMDetection 3.3.0 itself (its DAB-DETR), installed with
+# `pip install --target` into a folder OUTSIDE the venv's import path; only the subprocess of
+# tests/mmdet_reference.py puts it on sys.path (mmcv-lite: no compiled ops, none needed on CPU)
+MMDET_DIR="$VENV/mmdet-reference"
+MMDET_DEPS=("mmdet==3.3.0" "mmengine==0.10.7" "mmcv-lite==2.2.0" "addict==2.4.0" "yapf==0.43.0"
+            "platformdirs==4.14.9" "tomli==2.5.0" "terminaltables==3.1.10" "shapely==2.2.0" "six==1.17.0")
 
 step() { echo "[setup] $*"; }
 fail() { echo "[setup] FAILED at step: $1" >&2; [ $# -gt 1 ] && echo "[setup] $2" >&2; exit 1; }
@@ -50,8 +56,13 @@ have() { (cd / && "$PY" -c "$1") >/dev/null 2>&1; }
 # version check from package metadata (fast: no import of torch or transformers)
 have_version() { (cd / && "$PY" -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('$1') == '$2' else 1)") >/dev/null 2>&1; }
 
+have_mmdet() {
+  [ -f "$MMDET_DIR/mmdet-3.3.0.dist-info/METADATA" ] && [ -f "$MMDET_DIR/mmengine-0.10.7.dist-info/METADATA" ] \
+    && [ -f "$MMDET_DIR/mmcv_lite-2.2.0.dist-info/METADATA" ] && [ -f "$MMDET_DIR/addict-2.4.0.dist-info/METADATA" ]
+}
+
 # fast path: everything already in place -> one check, nothing installed
-if have "
+if have_mmdet && have "
 import importlib.metadata as m, importlib.util as u, os, sys
 assert m.version('torch') == '2.15.0' and m.version('torchvision') == '0.29.2'
 assert m.version('transformers') == '5.23.0' and m.version('timm') == '1.0.31'
@@ -100,6 +111,15 @@ fi
 if ! { have_version onnx 1.23.2 && have_version onnxruntime 1.31.1 && have_version onnxscript 0.7.2 && have_version submitit 1.5.4; }; then
   step "installing optional extras: ${EXTRA_DEPS[*]}"
   "${PIP[@]}" "${EXTRA_DEPS[@]}" || fail "install optional extras" "pip could not install: ${EXTRA_DEPS[*]}"
+fi
+
+# 3d. test-only mmdet reference, into its own folder (written beside, then moved: never half-installed)
+if ! have_mmdet; then
+  step "installing the test-only mmdet reference into $MMDET_DIR: ${MMDET_DEPS[*]}"
+  rm -rf "$MMDET_DIR.partial"
+  "${PIP[@]}" --no-deps --target "$MMDET_DIR.partial" "${MMDET_DEPS[@]}" \
+    || { rm -rf "$MMDET_DIR.partial"; fail "install mmdet reference" "pip --target could not install: ${MMDET_DEPS[*]}"; }
+  rm -rf "$MMDET_DIR" && mv "$MMDET_DIR.partial" "$MMDET_DIR" || fail "install mmdet reference" "could not move $MMDET_DIR.partial to $MMDET_DIR"
 fi
 
 # 4. detectron2

@@ -15,12 +15,30 @@ What ``train.init_checkpoint`` may point at:
 ``.pkl`` files are read with a numpy-only unpickler, everything else with
 ``torch.load(weights_only=True)`` (see ``safe_load``). A checkpoint of another DAB-DETR
 implementation is refused with the command that converts it.
+
+Strict fit (what ``--eval-only``, ``train.init_checkpoint``, resuming and the demo all go through):
+a model checkpoint must have exactly the model's keys and shapes, and an ImageNet backbone file
+(all keys under ``backbone.``) must cover and fit the model's backbone (the rest of the model keeps
+its initialization, as always). Otherwise ONE ``CheckpointError`` lists every missing, unexpected
+and mis-shaped key with the likely cause and the fix; nothing is loaded. Files matched by name
+heuristics (Caffe2 ``.pkl``, ``?matching_heuristics=True``) keep Detectron2's matching.
+
+Fine-tuning on a dataset with another number of classes: append ``?reinit_class_head=True`` to the
+path (``train.init_checkpoint=model.pth?reinit_class_head=True``); the class-logit layers whose
+shape differs then keep their fresh initialization, everything else must still fit.
 """
+import logging
+from urllib.parse import parse_qs, urlencode
+
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .backbone_names import convert_torchvision_resnet, is_torchvision_resnet_state_dict
 from .convert import detect_layout
+from .deformable_convert import detect_deformable_source
+from .fit_check import REINIT_CLASS_HEAD, class_head_keys, compare_state_dicts, explain_misfit
 from .safe_load import CheckpointError, load_pickle_file, load_torch_file
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DABDETRCheckpointer"]
 
@@ -28,7 +46,27 @@ __all__ = ["DABDETRCheckpointer"]
 class DABDETRCheckpointer(DetectionCheckpointer):
     """Drop-in replacement of ``DetectionCheckpointer`` (same constructor and ``load``/``save``)."""
 
+    def load(self, path, *args, **kwargs):
+        self._loading = path
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._loading = None
+
+    def _take_own_query(self) -> bool:
+        """Remove ``reinit_class_head`` from the path's query (Detectron2 refuses unknown ones)."""
+        parsed = getattr(self, "_parsed_url_during_load", None)
+        if parsed is None or not parsed.query:
+            return False
+        queries = parse_qs(parsed.query)
+        value = queries.pop(REINIT_CLASS_HEAD, ["False"])
+        if value not in (["True"], ["False"]):
+            raise CheckpointError(f"{parsed.geturl()}: {REINIT_CLASS_HEAD} must be True or False, got {value}")
+        self._parsed_url_during_load = parsed._replace(query=urlencode(queries, doseq=True))
+        return value == ["True"]
+
     def _load_file(self, filename):
+        self._reinit_class_head = self._take_own_query()
         if filename.endswith(".pkl"):
             data = load_pickle_file(filename)
             if not isinstance(data, dict):
@@ -52,8 +90,9 @@ class DABDETRCheckpointer(DetectionCheckpointer):
             loaded["model"] = convert_torchvision_resnet(model, prefix="backbone.")
             loaded.setdefault("__author__", "torchvision")
         elif isinstance(model, dict):
-            layout = detect_layout(model)
-            if layout in ("original", "detrex", "hf"):
+            deformable = detect_deformable_source(model)
+            layout = deformable or detect_layout(model)
+            if layout in ("original", "detrex", "hf", "mmdet"):
                 raise CheckpointError(
                     f"{filename} is a DAB-DETR checkpoint of the {layout} layout: convert it first with\n"
                     f"  python tools/convert_checkpoint.py --source {layout} {filename} converted.pth\n"
@@ -63,3 +102,25 @@ class DABDETRCheckpointer(DetectionCheckpointer):
 
     def _torch_load(self, f):
         return load_torch_file(f)
+
+    def _load_model(self, checkpoint):
+        if not checkpoint.get("matching_heuristics", False):
+            self._check_fit(checkpoint["model"])
+        return super()._load_model(checkpoint)
+
+    def _check_fit(self, weights):
+        """Raise one ``CheckpointError`` unless ``weights`` fit the model (see the module doc)."""
+        if any(k.startswith("module.") for k in weights):  # DDP-saved names, stripped by fvcore
+            weights.update({k[len("module."):]: weights.pop(k) for k in list(weights) if k.startswith("module.")})
+        model_state = self.model.state_dict()
+        report = compare_state_dicts(weights, model_state)
+        if getattr(self, "_reinit_class_head", False):
+            heads = [k for k in class_head_keys(k for k, _, _ in report.mismatched)]
+            for k in heads:
+                del weights[k]
+            if heads:
+                logger.info("%s=True: the class head starts fresh (%s)", REINIT_CLASS_HEAD, ", ".join(heads))
+            report.mismatched = [m for m in report.mismatched if m[0] not in heads]
+        if report:
+            raise CheckpointError(explain_misfit(report, weights, model_state, getattr(self, "_loading", None) or "<checkpoint>",
+                                                 type(self.model).__name__))

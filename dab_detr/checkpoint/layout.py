@@ -1,20 +1,21 @@
 """The state dict our ``DABDETR`` expects (names of CONTRACT / SPEC section 1, shapes), so that a
 conversion can be checked key by key before anything is written, and the variant a checkpoint
 holds (backbone, queries, patterns) can be told from its keys."""
-import re
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from .backbone_names import d2_resnet_shapes, d2_swin_shapes, resnet_depth_from_d2_keys
 
-__all__ = ["Variant", "dabdetr_shapes", "detect_variant", "suggest_config"]
+__all__ = ["Variant", "dabdetr_shapes", "detect_variant"]
 
 HIDDEN, FFN, ENC_LAYERS, DEC_LAYERS = 256, 2048, 6, 6  # SPEC section 1; all released models
 
 
 @dataclass
 class Variant:
-    """What a checkpoint holds. ``backbone`` is ``"R50"``, ``"R101"`` or ``"Swin-T"``."""
+    """What a checkpoint holds. ``backbone`` is ``"R50"``, ``"R101"`` or ``"Swin-T"`` (DAB-DETR), or
+    ``"R50 DAB-Deformable-DETR"``; ``family`` is ``"mmdet"`` for MMDetection's DAB-DETR (its own
+    config), ``"deformable"`` for DAB-Deformable-DETR, else ``""``."""
 
     backbone: str = "R50"
     num_queries: int = 300
@@ -24,6 +25,7 @@ class Variant:
     dilation: Optional[bool] = None
     pe_temperature: Optional[Tuple[float, float]] = None
     random_refpoints_xy: Optional[bool] = None
+    family: str = ""
 
 
 def _linear(shapes, name, out_dim, in_dim):
@@ -118,21 +120,3 @@ def detect_variant(state_dict: Dict, num_classes: int = 80) -> Variant:
         num_patterns=int(patterns.shape[0]) if patterns is not None else 0,
         num_classes=num_classes,
     )
-
-
-def suggest_config(v: Variant, file_name: str = "") -> str:
-    """The config under ``configs/`` that evaluates variant ``v``; DC5 cannot be seen in the
-    weights, so it comes from the saved arguments or, failing that, the file name."""
-    dc5 = v.dilation if v.dilation is not None else bool(re.search(r"dc5", file_name, re.IGNORECASE))
-    if v.backbone == "Swin-T":
-        return "configs/dab_detr_swin_t.py"
-    name = "dab_detr_" + v.backbone.lower()
-    if dc5:
-        name += "_dc5"
-        # the plain DC5 model was trained with image-PE temperature 10, fixxy with 20
-        temperature_20 = v.pe_temperature is not None and tuple(v.pe_temperature) == (20, 20)
-        if v.num_patterns == 0 and (v.random_refpoints_xy or temperature_20 or "fixxy" in file_name.lower()):
-            name += "_fixxy"
-    if v.num_patterns:
-        name += f"_{v.num_patterns}patterns"
-    return f"configs/{name}.py"

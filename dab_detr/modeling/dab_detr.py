@@ -55,7 +55,7 @@ class SetPredictionDetector(nn.Module):
 
     def __init__(self, *, backbone: Backbone, criterion: SetCriterion, num_classes: int, aux_loss: bool,
                  select_box_nums_for_evaluation: int, pixel_mean: Sequence[float], pixel_std: Sequence[float],
-                 input_format: str):
+                 input_format: str, clip_boxes_to_image: bool = False):
         super().__init__()
         name = type(self).__name__
         if num_classes < 1:
@@ -68,6 +68,7 @@ class SetPredictionDetector(nn.Module):
         self.aux_loss = aux_loss
         self.select_box_nums_for_evaluation = select_box_nums_for_evaluation
         self.input_format = input_format
+        self.clip_boxes_to_image = clip_boxes_to_image  # False: the original (boxes may leave the image)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
 
@@ -105,6 +106,8 @@ class SetPredictionDetector(nn.Module):
             instances = Instances((height, width))
             scale = boxes.new_tensor([width, height, width, height])
             instances.pred_boxes = Boxes(boxes[i] * scale)
+            if self.clip_boxes_to_image:  # as MMDetection's DAB-DETR post-processing
+                instances.pred_boxes.clip((height, width))
             instances.scores = scores[i]
             instances.pred_classes = labels[i]
             results.append({"instances": instances})
@@ -210,6 +213,7 @@ class DABDETR(SetPredictionDetector):
         pixel_mean: List[float] = (123.675, 116.28, 103.53),
         pixel_std: List[float] = (58.395, 57.12, 57.375),
         input_format: str = "RGB",
+        clip_boxes_to_image: bool = False,
     ):
         """
         Args:
@@ -224,6 +228,8 @@ class DABDETR(SetPredictionDetector):
             random_refpoints_xy, freeze_anchor_xy: see ``AnchorBoxes``.
             select_box_nums_for_evaluation: detections kept per image at inference.
             pixel_mean, pixel_std: normalization in the 0-255 scale of ``input_format``.
+            clip_boxes_to_image: clip the output boxes to the reported image size (MMDetection's
+                post-processing); off as in the original.
         """
         shapes = backbone.output_shape()
         if in_feature not in shapes:
@@ -233,7 +239,8 @@ class DABDETR(SetPredictionDetector):
             )
         super().__init__(backbone=backbone, criterion=criterion, num_classes=num_classes, aux_loss=aux_loss,
                          select_box_nums_for_evaluation=select_box_nums_for_evaluation,
-                         pixel_mean=pixel_mean, pixel_std=pixel_std, input_format=input_format)
+                         pixel_mean=pixel_mean, pixel_std=pixel_std, input_format=input_format,
+                         clip_boxes_to_image=clip_boxes_to_image)
         self.in_feature = in_feature
         self.position_embedding = position_embedding
         self.transformer = transformer

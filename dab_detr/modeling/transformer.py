@@ -183,12 +183,15 @@ class DABDecoder(nn.Module):
             and (predicted h / anchor h), the width/height-modulated attention of the paper.
         keep_query_pos: let every layer (not only layer 0) add the positional query to the
             cross-attention content (``ca_qpos_proj``).
+        anchor_update_eps: clamp of ``inverse_sigmoid`` in the anchor update between layers:
+            1e-3 as the original; MMDetection's DAB-DETR uses 1e-5 (``configs/dab_detr_r50_mmdet.py``).
     """
 
     def __init__(self, d_model, nhead, num_layers, dim_feedforward, dropout, activation,
-                 modulate_hw_attn: bool = True, keep_query_pos: bool = False):
+                 modulate_hw_attn: bool = True, keep_query_pos: bool = False, anchor_update_eps: float = 1e-3):
         super().__init__()
         self.d_model = d_model
+        self.anchor_update_eps = anchor_update_eps
         self.layers = nn.ModuleList(
             DecoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
                          use_query_pos_in_cross_attn=(i == 0 or keep_query_pos))
@@ -241,7 +244,7 @@ class DABDecoder(nn.Module):
             output = layer(output, memory, memory_padding_mask, image_pos, query_pos, query_sine_embed)
 
             # anchor update from the un-normalized output (the original's choice)
-            new_reference = (bbox_embed(output) + inverse_sigmoid(reference)).sigmoid()
+            new_reference = (bbox_embed(output) + inverse_sigmoid(reference, eps=self.anchor_update_eps)).sigmoid()
             if layer_id < len(self.layers) - 1:
                 references.append(new_reference)
             reference = new_reference.detach()
@@ -259,7 +262,7 @@ class DABTransformer(nn.Module):
         activation: "prelu" (the original's default for DAB-DETR) or "relu".
         num_patterns: 0, or the number of pattern embeddings; with P patterns the decoder runs
             P x num_queries queries whose content is the pattern embedding (pattern-major order).
-        modulate_hw_attn, keep_query_pos: see ``DABDecoder``.
+        modulate_hw_attn, keep_query_pos, anchor_update_eps: see ``DABDecoder``.
     """
 
     def __init__(
@@ -274,6 +277,7 @@ class DABTransformer(nn.Module):
         num_patterns: int = 0,
         modulate_hw_attn: bool = True,
         keep_query_pos: bool = False,
+        anchor_update_eps: float = 1e-3,
     ):
         super().__init__()
         if d_model % nhead:
@@ -284,7 +288,8 @@ class DABTransformer(nn.Module):
         self.num_patterns = num_patterns
         self.encoder = DABEncoder(d_model, nhead, num_encoder_layers, dim_feedforward, dropout, activation)
         self.decoder = DABDecoder(d_model, nhead, num_decoder_layers, dim_feedforward, dropout, activation,
-                                  modulate_hw_attn=modulate_hw_attn, keep_query_pos=keep_query_pos)
+                                  modulate_hw_attn=modulate_hw_attn, keep_query_pos=keep_query_pos,
+                                  anchor_update_eps=anchor_update_eps)
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
