@@ -45,8 +45,9 @@ class FrozenBNConv2d(Conv2d):
         tensors = (self.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var)
         if self.bias is not None:
             tensors = tensors + (self.bias,)
-        # the cache is only used without autograd: with it, W * s must be part of the graph
-        use_cache = not (torch.is_grad_enabled() and self.weight.requires_grad)
+        # the cache is only used without autograd (with it, W * s must be part of the graph), and
+        # not under torch.compile, which folds the constants itself
+        use_cache = not (torch.is_grad_enabled() and self.weight.requires_grad) and not torch.compiler.is_compiling()
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) if use_cache else None
         if use_cache and key == self._cache_key:
             return self._cache
@@ -57,8 +58,6 @@ class FrozenBNConv2d(Conv2d):
         bias = bias.to(self.weight.dtype)
         if use_cache:
             self._cache_key, self._cache = key, (weight, bias)
-        else:
-            self._cache_key = self._cache = None
         return weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
