@@ -21,6 +21,7 @@ OS), an approximation.
 """
 import argparse
 import ctypes
+import inspect
 import statistics
 import sys
 import threading
@@ -329,19 +330,22 @@ def main():
 
     if args.groups:
         eval_mode()
-        plain_cfg = cfg.model.copy()
-        plain_cfg.fast_backbone = False
-        torch.manual_seed(0)
-        plain = instantiate(plain_cfg).to(device).eval()
-        plain.load_state_dict(model.state_dict())
+        runs = [("default" if not args.plain else "fast_backbone=False", model, infer_ours)]
+        if not args.plain and "fast_backbone" in inspect.signature(type(model).__init__).parameters:
+            plain_cfg = cfg.model.copy()
+            plain_cfg.fast_backbone = False
+            torch.manual_seed(0)
+            plain = instantiate(plain_cfg).to(device).eval()
+            plain.load_state_dict(model.state_dict())
 
-        def infer_plain():
-            with torch.no_grad(), autocast():
-                plain(inputs)
+            def infer_plain():
+                with torch.no_grad(), autocast():
+                    plain(inputs)
 
+            runs.append(("fast_backbone=False", plain, infer_plain))
         print("inference by group, median seconds (rest: pre-processing, input projection, position "
               "embedding, heads, post-processing)")
-        for label, m, fn in (("fast (default)", model, infer_ours), ("fast_backbone=False", plain, infer_plain)):
+        for label, m, fn in runs:
             row = group_times(m, fn, args.iters, device)
             print(f"  {label:>20}: " + ", ".join(f"{k.split('.')[-1]} {v:.3f}" for k, v in row.items()))
     if device.type == "cuda":
