@@ -121,3 +121,17 @@ def test_fold_replaces_only_frozen_bn_convs_and_shares_parameters():
 def test_fold_refuses_a_conv_without_frozen_bn():
     with pytest.raises(TypeError, match="FrozenBatchNorm2d"):
         FrozenBNConv2d(3, 4, 1, norm=torch.nn.BatchNorm2d(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_fast_path_runs_under_autocast(dtype):
+    """Mixed precision (bf16 on CPU; fp16 uses the same autocast path on CUDA): the folded
+    weights are cast by autocast like any convolution weight, detections stay close to fp32."""
+    plain, fast = _pair(_dab_detr)
+    inputs = make_inputs([(96, 128)], with_targets=False)
+    with torch.no_grad():
+        reference = plain(inputs)[0]["instances"]
+        with torch.autocast("cpu", dtype=dtype):
+            mixed = fast(inputs)[0]["instances"]
+    assert len(mixed) == len(reference) and torch.isfinite(mixed.scores).all()
+    assert (mixed.scores.sort().values - reference.scores.sort().values).abs().max() < 0.05
