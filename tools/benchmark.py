@@ -7,6 +7,8 @@ Prints numbers, asserts nothing: performance targets live here, not in the tests
     python tools/benchmark.py --config-file configs/dab_detr_r50.py --compare transformers --threads 2
     # time per operator group (backbone, encoder, decoder, rest), fast and plain backbone
     python tools/benchmark.py --config-file configs/dab_detr_r50.py --groups --skip-train
+    # the backbone through torch.compile (inference; falls back to eager if compilation fails)
+    python tools/benchmark.py --config-file configs/dab_detr_r50.py --compare transformers --compile --skip-train
     # GPU: images/s and peak memory, mixed precision (fp16 on CUDA, bf16 on CPU)
     python tools/benchmark.py --config-file configs/dab_detr_r50.py --device cuda --amp --batch-size 2
 
@@ -169,6 +171,35 @@ def _has_submodule(model, name):
         return False
 
 
+def compiled_inference(model, infer):
+    """``infer`` with ``model.backbone`` compiled by ``torch.compile`` (inductor with frozen
+    weights: constants folded, conv + pointwise fused) for inference only; training keeps the
+    eager backbone. If compilation fails (no C++ compiler, an unsupported operator) the error is
+    printed and the eager backbone is used."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    eager = model.backbone
+    compiled = torch.compile(eager)
+
+    def run():
+        model.backbone = compiled
+        try:
+            infer()
+        finally:
+            model.backbone = eager
+
+    start = time.perf_counter()
+    try:
+        run()
+    except Exception as e:  # noqa: BLE001 - any compiler failure: report it and measure eager
+        print(f"benchmark: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+              "using the eager backbone")
+        return infer
+    print(f"torch.compile of the backbone: first call (compilation) {time.perf_counter() - start:.1f} s")
+    return run
+
+
 # ------------------------------------------------------------------ the transformers port
 def transformers_port(model, device):
     """transformers' ``DabDetrForObjectDetection`` with our model's architecture (the original's
@@ -231,6 +262,9 @@ def main():
     parser.add_argument("--groups", action="store_true",
                         help="inference time by group (backbone, encoder, decoder, rest), fast and plain backbone")
     parser.add_argument("--plain", action="store_true", help="build our model with fast_backbone=False")
+    parser.add_argument("--compile", action="store_true",
+                        help="inference through torch.compile(model.backbone) (inductor, frozen weights); "
+                             "falls back to eager with a message if compilation fails")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     args = parser.parse_args()
@@ -267,6 +301,9 @@ def main():
     def infer_ours():
         with torch.no_grad(), autocast():
             model(inputs)
+
+    if args.compile:
+        infer_ours = compiled_inference(model, infer_ours)
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda" and amp_dtype == torch.float16)
