@@ -3,7 +3,7 @@
 All tensors are batch-first: sequences are [B, L, d]. Module and parameter names follow the
 original code so that its checkpoints map one-to-one (see ``dab_detr.checkpoint``).
 """
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -140,12 +140,7 @@ class DecoderLayer(nn.Module):
             (content.view(batch, length, self.nhead, -1), position.view(batch, length, self.nhead, -1)), dim=3
         ).flatten(2)
 
-    def project_memory(self, memory, image_pos):
-        """memory, image_pos [B, HW, d] -> (key content, value, key position), each [B, HW, d]."""
-        return self.ca_kcontent_proj(memory), self.ca_v_proj(memory), self.ca_kpos_proj(image_pos)
-
-    def forward(self, tgt, memory, memory_padding_mask, image_pos, query_pos, query_sine_embed,
-                memory_projections: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None):
+    def forward(self, tgt, memory, memory_padding_mask, image_pos, query_pos, query_sine_embed):
         """
         Args:
             tgt: [B, Q, d] content queries.
@@ -153,8 +148,6 @@ class DecoderLayer(nn.Module):
             image_pos: [B, HW, d] image position embedding.
             query_pos: [B, Q, d] positional queries (``ref_point_head`` of the anchor embedding).
             query_sine_embed: [B, Q, d] scaled, width/height-modulated (y, x) anchor sine features.
-            memory_projections: ``project_memory(memory, image_pos)`` if already computed (the
-                decoder computes those of all layers at once); None computes them here.
 
         Returns:
             [B, Q, d] updated content queries (not normalized by the decoder's shared norm).
@@ -167,9 +160,9 @@ class DecoderLayer(nn.Module):
 
         # 2. cross-attention to the image, content and position concatenated per head
         q_content = self.ca_qcontent_proj(tgt)
-        if memory_projections is None:
-            memory_projections = self.project_memory(memory, image_pos)
-        k_content, v, k_pos = memory_projections
+        k_content = self.ca_kcontent_proj(memory)
+        v = self.ca_v_proj(memory)
+        k_pos = self.ca_kpos_proj(image_pos)
         if self.ca_qpos_proj is not None:
             q_content = q_content + self.ca_qpos_proj(query_pos)
             k_content = k_content + k_pos
@@ -206,32 +199,6 @@ class DABDecoder(nn.Module):
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.ref_anchor_head = MLP(d_model, d_model, 2, 2) if modulate_hw_attn else None
 
-    def project_memory_all_layers(self, memory, image_pos) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Every layer's ``project_memory``, as two matrix products instead of 3 per layer.
-
-        memory and image_pos do not change from layer to layer, so the key-content and value
-        projections of all layers are one product with the layers' weights stacked, and the
-        key-position projections another (one large product runs faster than 3 x num_layers
-        small ones; the results are the same to float rounding). Returns one (key content,
-        value, key position) triple of [B, HW, d] views per layer.
-        """
-        d = self.d_model
-        content_value = F.linear(
-            memory,
-            torch.cat([w for layer in self.layers for w in (layer.ca_kcontent_proj.weight, layer.ca_v_proj.weight)]),
-            torch.cat([b for layer in self.layers for b in (layer.ca_kcontent_proj.bias, layer.ca_v_proj.bias)]),
-        )
-        position = F.linear(
-            image_pos,
-            torch.cat([layer.ca_kpos_proj.weight for layer in self.layers]),
-            torch.cat([layer.ca_kpos_proj.bias for layer in self.layers]),
-        )
-        return [
-            (content_value[..., 2 * i * d: (2 * i + 1) * d], content_value[..., (2 * i + 1) * d: (2 * i + 2) * d],
-             position[..., i * d: (i + 1) * d])
-            for i in range(len(self.layers))
-        ]
-
     def forward(
         self, tgt, memory, memory_padding_mask, image_pos, anchors,
         bbox_embed: Callable[[torch.Tensor], torch.Tensor],
@@ -254,7 +221,6 @@ class DABDecoder(nn.Module):
         output = tgt
         reference = anchors
         references, hidden = [anchors], []
-        memory_projections = self.project_memory_all_layers(memory, image_pos)
         for layer_id, layer in enumerate(self.layers):
             sine = anchor_sine_embedding(reference, num_feats=self.d_model // 2)  # [B, Q, 2d]: (y, x, w, h)
             query_pos = self.ref_point_head(sine)
@@ -272,8 +238,7 @@ class DABDecoder(nn.Module):
                     query_sine_embed[..., half:] * (ref_wh[..., 0] / reference[..., 2]).unsqueeze(-1),
                 ), dim=-1)
 
-            output = layer(output, memory, memory_padding_mask, image_pos, query_pos, query_sine_embed,
-                           memory_projections[layer_id])
+            output = layer(output, memory, memory_padding_mask, image_pos, query_pos, query_sine_embed)
 
             # anchor update from the un-normalized output (the original's choice)
             new_reference = (bbox_embed(output) + inverse_sigmoid(reference)).sigmoid()
