@@ -112,8 +112,11 @@ class SetPredictionDetector(nn.Module):
             height = input_per_image.get("height", image_size[0])
             width = input_per_image.get("width", image_size[1])
             instances = Instances((height, width))
-            scale = boxes.new_tensor([width, height, width, height])
-            instances.pred_boxes = Boxes(boxes[i] * scale)
+            # scaled by Python numbers: no host-to-device copy (which would synchronize on a GPU)
+            scaled = boxes[i].clone()
+            scaled[:, 0::2] *= width
+            scaled[:, 1::2] *= height
+            instances.pred_boxes = Boxes(scaled)
             instances.scores = scores[i]
             instances.pred_classes = labels[i]
             results.append({"instances": instances})
