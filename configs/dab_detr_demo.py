@@ -3,7 +3,7 @@
 Same model code as the COCO configs at a CPU-friendly size: a small Detectron2 ResNet (one
 BasicBlock per stage, 32/64/128 channels, up to res4 = stride 16) with trainable BN and no
 pretrained weights (none can be downloaded here), d_model 128, 2 encoder + 6 decoder layers,
-30 anchors, 4 classes, ~160 px images, and a matching cost that favours the class score (below). The dataset (``dab_detr.data.demo_dataset``) is
+20 anchors, 4 classes, ~160 px images, and a matching cost that favours the class score (below). The dataset (``dab_detr.data.demo_dataset``) is
 generated on first use under $DETECTRON2_DATASETS/dab_demo.
 """
 import detectron2.data.transforms as T

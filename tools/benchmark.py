@@ -3,10 +3,30 @@
 
 Prints numbers, asserts nothing: performance targets live here, not in the tests.
 
-    python tools/benchmark.py --config-file configs/dab_detr_r50.py --height 800 --width 1333
+    # ours against transformers' DabDetrForObjectDetection, interleaved, same input (CPU, fp32)
+    python tools/benchmark.py --config-file configs/dab_detr_r50.py --compare transformers --threads 2
+    # time per operator group (backbone, encoder, decoder, rest), fast and plain backbone
+    python tools/benchmark.py --config-file configs/dab_detr_r50.py --groups --skip-train
+    # the backbone through torch.compile (inference; falls back to eager if compilation fails)
+    python tools/benchmark.py --config-file configs/dab_detr_r50.py --compare transformers --compile --skip-train
+    # GPU: images/s and peak memory, mixed precision (fp16 on CUDA, bf16 on CPU)
     python tools/benchmark.py --config-file configs/dab_detr_r50.py --device cuda --amp --batch-size 2
+
+Every measurement runs ``--warmup`` untimed then ``--iters`` timed repetitions; with
+``--compare`` the two models alternate (ours, theirs, ours, ...) on the same input so that
+machine noise hits both alike, and the medians are printed. GFLOP/s use fvcore's count of our
+inference forward (``dab_detr.analysis``; one multiply-add = one FLOP); a training step is
+counted as 3x the forward (the usual convention: the backward costs about twice the forward).
+Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the largest growth of the
+process's resident memory during the call (sampled every 2 ms after returning freed memory to the
+OS), an approximation.
 """
 import argparse
+import ctypes
+import inspect
+import statistics
+import sys
+import threading
 import time
 
 import torch
@@ -14,8 +34,13 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
+from dab_detr.analysis import analyze_model
+
+GROUPS = ("backbone", "transformer.encoder", "transformer.decoder")
+
 
 def random_inputs(batch_size, height, width, num_classes, generator):
+    """Detectron2 inputs: uint8 images [3, H, W] and 8 random boxes per image."""
     inputs = []
     for _ in range(batch_size):
         inst = Instances((height, width))
@@ -28,66 +53,340 @@ def random_inputs(batch_size, height, width, num_classes, generator):
     return inputs
 
 
-def timed(fn, iters, warmup, device):
+class PeakMemory:
+    """Peak memory of one call: CUDA allocator peak, or sampled resident-memory growth on CPU."""
+
+    def __init__(self, device):
+        self.device = device
+        try:
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except OSError:  # not glibc: the growth is then measured from a possibly higher baseline
+            self._trim = None
+
+    @staticmethod
+    def _rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def measure(self, fn) -> float:
+        """Run ``fn()`` once; return its peak memory in bytes."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            fn()
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - base
+        if self._trim is not None:
+            self._trim(0)
+        try:
+            base = self._rss()
+        except OSError:
+            return float("nan")
+        peak, done = [base], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], self._rss())
+                time.sleep(0.002)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            fn()
+        finally:
+            done.set()
+            thread.join()
+        return max(peak[0], self._rss()) - base
+
+
+def timed_interleaved(fns, iters, warmup, device):
+    """{name: [seconds per call]} for each of ``fns`` ({name: fn}), run alternately."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(iters):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def group_times(model, fn, iters, device):
+    """Median seconds per call spent in the backbone, encoder, decoder and the rest of ``fn``
+    (pre-processing, input projection, position embedding, heads, post-processing)."""
+    modules = {name: model.get_submodule(name) for name in GROUPS if _has_submodule(model, name)}
+    spent = {name: 0.0 for name in modules}
+    starts = {}
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    handles = []
+    for name, module in modules.items():
+        def pre(_m, _i, name=name):
+            sync()
+            starts[name] = time.perf_counter()
+
+        def post(_m, _i, _o, name=name):
+            sync()
+            spent[name] += time.perf_counter() - starts[name]
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    rows = []
+    try:
+        fn()  # warmup
+        for _ in range(iters):
+            for name in spent:
+                spent[name] = 0.0
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            total = time.perf_counter() - start
+            row = dict(spent)
+            row["rest"] = total - sum(spent.values())
+            row["total"] = total
+            rows.append(row)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def _has_submodule(model, name):
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def compiled_inference(model, infer):
+    """``infer`` with ``model.backbone`` compiled by ``torch.compile`` (inductor with frozen
+    weights: constants folded, conv + pointwise fused) for inference only; training keeps the
+    eager backbone. If compilation fails (no C++ compiler, an unsupported operator) the error is
+    printed and the eager backbone is used."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    eager = model.backbone
+    compiled = torch.compile(eager)
+
+    def run():
+        model.backbone = compiled
+        try:
+            infer()
+        finally:
+            model.backbone = eager
+
+    start = time.perf_counter()
+    try:
+        run()
+    except Exception as e:  # noqa: BLE001 - any compiler failure: report it and measure eager
+        print(f"benchmark: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+              "using the eager backbone")
+        return infer
+    print(f"torch.compile of the backbone: first call (compilation) {time.perf_counter() - start:.1f} s")
+    return run
+
+
+# ------------------------------------------------------------------ the transformers port
+def transformers_port(model, device):
+    """transformers' ``DabDetrForObjectDetection`` with our model's architecture (the original's
+    settings: PReLU, no dropout, 6 + 6 layers, auxiliary loss), random weights, and a function
+    that turns our Detectron2 inputs into its ``pixel_values``, ``pixel_mask`` and ``labels``."""
+    try:
+        from transformers import DabDetrConfig, DabDetrForObjectDetection
+    except ImportError:
+        sys.exit("benchmark: --compare transformers needs the transformers package (pip install transformers timm)")
+    from dab_detr.modeling import DABDETR
+
+    if not isinstance(model, DABDETR):
+        sys.exit(f"benchmark: --compare transformers supports DAB-DETR configs; this config builds {type(model).__name__}")
+    from detectron2.modeling.backbone import BottleneckBlock, ResNet
+
+    blocks = sum(isinstance(m, BottleneckBlock) for m in model.backbone.modules())
+    if not isinstance(model.backbone, ResNet) or blocks != 16:
+        sys.exit("benchmark: the transformers port has a ResNet-50 backbone; use an R50 config for --compare")
+    t = model.transformer
+    dilation = any(getattr(m, "dilation", (1, 1)) != (1, 1) for m in model.backbone.res5.modules())
+    config = DabDetrConfig(
+        num_labels=model.num_classes, num_queries=model.refpoint_embed().shape[0],
+        num_patterns=t.num_patterns, dilation=dilation, hidden_size=t.d_model,
+        encoder_layers=len(t.encoder.layers), decoder_layers=len(t.decoder.layers),
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, activation_function="prelu",
+        auxiliary_loss=model.aux_loss, keep_query_pos=False, random_refpoints_xy=False, normalize_before=False,
+    )
+    port = DabDetrForObjectDetection(config).to(device)
+
+    def port_inputs(inputs):
+        images = torch.stack([(x["image"].to(device) - model.pixel_mean) / model.pixel_std for x in inputs])
+        mask = torch.ones(images.shape[0], *images.shape[2:], dtype=torch.long, device=device)
+        labels = []
+        for x in inputs:
+            h, w = x["image"].shape[1:]
+            boxes = x["instances"].gt_boxes.tensor.to(device) / torch.tensor([w, h, w, h], device=device)
+            cxcywh = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], 1)
+            labels.append({"class_labels": x["instances"].gt_classes.to(device), "boxes": cxcywh})
+        return images, mask, labels
+
+    return port, port_inputs
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default="configs/common/models/dab_detr_r50.py")
+    # 800 x 1216 is divisible by the backbone stride (32): no padding, the same input for both models
     parser.add_argument("--height", type=int, default=800)
-    parser.add_argument("--width", type=int, default=1333)
+    parser.add_argument("--width", type=int, default=1216)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
+    parser.add_argument("--amp-dtype", choices=("float16", "bfloat16"), default=None,
+                        help="autocast dtype (default: float16 on CUDA, bfloat16 on CPU)")
+    parser.add_argument("--compare", choices=("transformers",), default=None,
+                        help="also time transformers' DabDetrForObjectDetection, interleaved with ours")
+    parser.add_argument("--groups", action="store_true",
+                        help="inference time by group (backbone, encoder, decoder, rest), fast and plain backbone")
+    parser.add_argument("--plain", action="store_true", help="build our model with fast_backbone=False")
+    parser.add_argument("--compile", action="store_true",
+                        help="inference through torch.compile(model.backbone) (inductor, frozen weights); "
+                             "falls back to eager with a message if compilation fails")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     args = parser.parse_args()
 
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = LazyConfig.load(args.config_file)
+    if "model" not in cfg:
+        sys.exit(f"benchmark: {args.config_file} defines no `model`")
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("benchmark: --device cuda but no CUDA device is available")
+    if args.plain:
+        cfg.model.fast_backbone = False
+    torch.manual_seed(0)
     model = instantiate(cfg.model).to(device)
     g = torch.Generator().manual_seed(0)
     inputs = random_inputs(args.batch_size, args.height, args.width, model.num_classes, g)
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    if args.amp_dtype:
+        amp_dtype = getattr(torch, args.amp_dtype)
+    else:
+        amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp)  # noqa: E731
+    memory = PeakMemory(device)
 
-    def infer():
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"config {args.config_file}  device {name}  input {args.batch_size}x3x{args.height}x{args.width}  "
+          f"amp {amp_dtype if args.amp else False}  torch {torch.__version__}")
+    stats = analyze_model(model, args.height, args.width)
+    gmacs = stats.flops * args.batch_size / 1e9
+    print(f"fvcore count: {gmacs:.1f} GFLOPs per batch (inference forward; 1 multiply-add = 1 FLOP)")
+
+    def infer_ours():
+        with torch.no_grad(), autocast():
             model(inputs)
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+    if args.compile:
+        infer_ours = compiled_inference(model, infer_ours)
 
-    def train_step():
-        with EventStorage(), torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda" and amp_dtype == torch.float16)
+
+    def train_ours():
+        with EventStorage(), autocast():
             losses = model(inputs)
         optimizer.zero_grad()
         scaler.scale(sum(losses.values())).backward()
         scaler.step(optimizer)
         scaler.update()
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"config {args.config_file}  device {name}  input {args.batch_size}x3x{args.height}x{args.width}  amp {args.amp}")
-    model.eval()
-    t = timed(infer, args.iters, args.warmup, device)
-    print(f"inference: {t * 1000:.1f} ms/batch, {args.batch_size / t:.2f} images/s")
-    if not args.skip_train:
+    infer, train = {"ours": infer_ours}, {"ours": train_ours}
+    port = None
+    if args.compare == "transformers":
+        torch.manual_seed(0)
+        port, port_inputs = transformers_port(model, device)
+        pixel_values, pixel_mask, labels = port_inputs(inputs)
+        port_optimizer = torch.optim.AdamW([p for p in port.parameters() if p.requires_grad], lr=1e-5)
+        port_scaler = torch.amp.GradScaler(device.type, enabled=scaler.is_enabled())
+
+        def infer_port():
+            with torch.no_grad(), autocast():
+                port(pixel_values=pixel_values, pixel_mask=pixel_mask)
+
+        def train_port():
+            with autocast():
+                loss = port(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
+            port_optimizer.zero_grad()
+            port_scaler.scale(loss).backward()
+            port_scaler.step(port_optimizer)
+            port_scaler.update()
+
+        infer["transformers"], train["transformers"] = infer_port, train_port
+
+    def report(kind, fns, flops_factor, set_mode):
+        set_mode()
+        times = timed_interleaved(fns, args.iters, args.warmup, device)
+        peaks = {n: memory.measure(fn) for n, fn in fns.items()}
+        medians = {n: statistics.median(t) for n, t in times.items()}
+        for n, t in medians.items():
+            print(f"{kind:>13} {n:>12}: {t * 1000:8.1f} ms/batch (median of {len(times[n])}; all "
+                  f"{', '.join(f'{x * 1000:.0f}' for x in times[n])}), {args.batch_size / t:6.2f} images/s, "
+                  f"{flops_factor * gmacs / t:6.1f} GFLOP/s, peak memory {peaks[n] / 2**30:.2f} GiB")
+        if len(medians) == 2:
+            print(f"{kind:>13}  speed-up ours vs transformers: {medians['transformers'] / medians['ours']:.2f}x")
+
+    def eval_mode():
+        model.eval()
+        if port is not None:
+            port.eval()
+
+    def train_mode():
         model.train()
-        t = timed(train_step, args.iters, args.warmup, device)
-        print(f"training step: {t * 1000:.1f} ms/iter, {args.batch_size / t:.2f} images/s")
+        if port is not None:
+            port.train()
+
+    report("inference", infer, 1, eval_mode)
+    if not args.skip_train:
+        report("training step", train, 3, train_mode)
+
+    if args.groups:
+        eval_mode()
+        runs = [("default" if not args.plain else "fast_backbone=False", model, infer_ours)]
+        if not args.plain and "fast_backbone" in inspect.signature(type(model).__init__).parameters:
+            plain_cfg = cfg.model.copy()
+            plain_cfg.fast_backbone = False
+            torch.manual_seed(0)
+            plain = instantiate(plain_cfg).to(device).eval()
+            plain.load_state_dict(model.state_dict())
+
+            def infer_plain():
+                with torch.no_grad(), autocast():
+                    plain(inputs)
+
+            runs.append(("fast_backbone=False", plain, infer_plain))
+        print("inference by group, median seconds (rest: pre-processing, input projection, position "
+              "embedding, heads, post-processing)")
+        for label, m, fn in runs:
+            row = group_times(m, fn, args.iters, device)
+            print(f"  {label:>20}: " + ", ".join(f"{k.split('.')[-1]} {v:.3f}" for k, v in row.items()))
     if device.type == "cuda":
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+        print(f"peak GPU memory (whole run): {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from detectron2.utils.events import get_event_storage
 from .anchors import AnchorBoxes
 from .box_ops import inverse_sigmoid
 from .criterion import SetCriterion
+from .frozen_bn_folding import optimize_backbone
 from .matcher import HungarianMatcher
 from .mlp import MLP
 from .position_encoding import PositionEmbeddingSine
@@ -51,17 +52,25 @@ class SetPredictionDetector(nn.Module):
     ``Instances`` (inference). The constructor holds the state both detectors share; subclasses
     call it first, then build their own modules (registration order: backbone first, so that
     parameter order, and with it saved optimizer states, is unchanged).
+
+    ``fast_backbone`` (default True) runs every conv + ``FrozenBatchNorm2d`` of the backbone as one
+    convolution and keeps conv weights in ``channels_last`` (``optimize_backbone``); checkpoints
+    and parameters are unchanged, outputs agree with ``fast_backbone=False`` to float rounding.
     """
 
     def __init__(self, *, backbone: Backbone, criterion: SetCriterion, num_classes: int, aux_loss: bool,
                  select_box_nums_for_evaluation: int, pixel_mean: Sequence[float], pixel_std: Sequence[float],
-                 input_format: str, clip_boxes_to_image: bool = False):
+                 input_format: str, clip_boxes_to_image: bool = False, fast_backbone: bool = True):
         super().__init__()
         name = type(self).__name__
         if num_classes < 1:
             raise ValueError(f"{name}: num_classes must be >= 1, got {num_classes}")
         if len(pixel_mean) != len(pixel_std):
             raise ValueError(f"{name}: pixel_mean and pixel_std must have the same length")
+        if fast_backbone:
+            # frozen BN folded into the convs, NHWC conv weights (frozen_bn_folding.py): the same
+            # function to ~1e-6 relative, same state_dict; fast_backbone=False is the plain path
+            optimize_backbone(backbone, channels_last=True)
         self.backbone = backbone
         self.criterion = criterion
         self.num_classes = num_classes
@@ -104,8 +113,11 @@ class SetPredictionDetector(nn.Module):
             height = input_per_image.get("height", image_size[0])
             width = input_per_image.get("width", image_size[1])
             instances = Instances((height, width))
-            scale = boxes.new_tensor([width, height, width, height])
-            instances.pred_boxes = Boxes(boxes[i] * scale)
+            # scaled by Python numbers: no host-to-device copy (which would synchronize on a GPU)
+            scaled = boxes[i].clone()
+            scaled[:, 0::2] *= width
+            scaled[:, 1::2] *= height
+            instances.pred_boxes = Boxes(scaled)
             if self.clip_boxes_to_image:  # as MMDetection's DAB-DETR post-processing
                 instances.pred_boxes.clip((height, width))
             instances.scores = scores[i]
@@ -214,6 +226,7 @@ class DABDETR(SetPredictionDetector):
         pixel_std: List[float] = (58.395, 57.12, 57.375),
         input_format: str = "RGB",
         clip_boxes_to_image: bool = False,
+        fast_backbone: bool = True,
     ):
         """
         Args:
@@ -230,6 +243,8 @@ class DABDETR(SetPredictionDetector):
             pixel_mean, pixel_std: normalization in the 0-255 scale of ``input_format``.
             clip_boxes_to_image: clip the output boxes to the reported image size (MMDetection's
                 post-processing); off as in the original.
+            fast_backbone: fold frozen BN into the convs and use NHWC conv weights (see
+                ``SetPredictionDetector``); False keeps the backbone as built.
         """
         shapes = backbone.output_shape()
         if in_feature not in shapes:
@@ -240,7 +255,7 @@ class DABDETR(SetPredictionDetector):
         super().__init__(backbone=backbone, criterion=criterion, num_classes=num_classes, aux_loss=aux_loss,
                          select_box_nums_for_evaluation=select_box_nums_for_evaluation,
                          pixel_mean=pixel_mean, pixel_std=pixel_std, input_format=input_format,
-                         clip_boxes_to_image=clip_boxes_to_image)
+                         clip_boxes_to_image=clip_boxes_to_image, fast_backbone=fast_backbone)
         self.in_feature = in_feature
         self.position_embedding = position_embedding
         self.transformer = transformer

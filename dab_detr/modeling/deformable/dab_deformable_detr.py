@@ -60,6 +60,7 @@ class DABDeformableDETR(SetPredictionDetector):
         pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
         pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
         input_format: str = "RGB",
+        fast_backbone: bool = True,
     ):
         """
         Args:
@@ -79,6 +80,8 @@ class DABDeformableDETR(SetPredictionDetector):
                 this does not freeze them; ``freeze_anchor_xy`` does (see ``AnchorBoxes``).
             select_box_nums_for_evaluation: detections per image at inference.
             pixel_mean, pixel_std, input_format: input normalization (0-255 scale).
+            fast_backbone: fold frozen BN into the backbone's convs and use NHWC conv weights
+                (``SetPredictionDetector``); False keeps the backbone as built.
         """
         in_features = list(in_features)
         shapes = backbone.output_shape()
@@ -107,7 +110,8 @@ class DABDeformableDETR(SetPredictionDetector):
             )
         super().__init__(backbone=backbone, criterion=criterion, num_classes=num_classes, aux_loss=aux_loss,
                          select_box_nums_for_evaluation=select_box_nums_for_evaluation,
-                         pixel_mean=pixel_mean, pixel_std=pixel_std, input_format=input_format)
+                         pixel_mean=pixel_mean, pixel_std=pixel_std, input_format=input_format,
+                         fast_backbone=fast_backbone)
         self.in_features = in_features
         self.position_embedding = position_embedding
         self.transformer = transformer

@@ -276,7 +276,9 @@ class DABDeformableTransformer(nn.Module):
             [pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1) for lvl, pos in enumerate(pos_embeds)],
             1,
         )
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flatten.device)
+        # on the CPU: every layer reads the shapes as Python ints (split, grid_sample per level),
+        # which on a GPU would be a device-to-host sync per layer
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long)
         valid_ratios = torch.stack([valid_ratios_of(m) for m in masks], 1)
         return src_flatten, mask_flatten, pos_flatten, spatial_shapes, valid_ratios
 
