@@ -5,6 +5,7 @@ Prints numbers, asserts nothing: performance targets live here, not in the tests
 
     python tools/benchmark.py --config-file configs/dab_detr_r50.py --height 800 --width 1333
     python tools/benchmark.py --config-file configs/dab_detr_r50.py --device cuda --amp --batch-size 2
+    python tools/benchmark.py --config-file configs/dab_detr_r50.py --onnxruntime --skip-train
 """
 import argparse
 import time
@@ -52,6 +53,8 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--onnxruntime", action="store_true",
+                        help="also export to ONNX (verified) and time onnxruntime on the first image (CPU, and CUDA where present)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     args = parser.parse_args()
 
@@ -82,6 +85,12 @@ def main():
     model.eval()
     t = timed(infer, args.iters, args.warmup, device)
     print(f"inference: {t * 1000:.1f} ms/batch, {args.batch_size / t:.2f} images/s")
+    if args.onnxruntime:
+        from dab_detr.export.runtime_benchmark import time_onnxruntime  # optional packages: imported on demand
+
+        for provider, t_ort in time_onnxruntime(model, inputs[0]["image"][None].float(), args.iters, args.warmup).items():
+            print(f"onnxruntime {provider}: {t_ort * 1000:.1f} ms/image (same image; PyTorch fp32 above)")
+        model.to(device)
     if not args.skip_train:
         model.train()
         t = timed(train_step, args.iters, args.warmup, device)
