@@ -86,11 +86,13 @@ def test_onnx_demo_model_matches_pytorch_on_photos(demo_model, tmp_path):
     path = str(tmp_path / "demo.onnx")
     report = export_detector(demo_model, "onnx", path, sample_size=SAMPLE)
     assert_report_checked(report, 20 * 4)  # 20 queries x 4 classes < 100 selected
+    assert report.min_size == (17, 17)  # stride 16: torch.export keeps sizes symbolic from a 2 x 2 feature map on
     session = onnx_session(path, providers=["CPUExecutionProvider"])
     assert [(i.name, i.shape, i.type) for i in session.get_inputs()] == [("image", [1, 3, "height", "width"], "tensor(float)")]
     assert [(o.name, o.shape) for o in session.get_outputs()] == [("boxes", [80, 4]), ("scores", [80]), ("labels", [80])]
     meta = session.get_modelmeta().custom_metadata_map
     assert meta["input_format"] == "RGB" and meta["size_divisibility"] == "1"  # Detectron2's ResNet: no divisibility
+    assert (meta["min_height"], meta["min_width"]) == ("17", "17")
     assert_matches_pytorch_on_photos(demo_model, lambda image: run_onnx(session, image))
 
 

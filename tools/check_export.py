@@ -81,6 +81,7 @@ def main(argv=None):
 
     photos = photographs()
     failures = 0
+    limits = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| config | format | photo | input | max score diff | max box diff (px) | unmatched | PyTorch s | exported s | export + self-check s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -96,7 +97,9 @@ def main(argv=None):
             name = os.path.splitext(os.path.basename(config))[0]
             for fmt in args.formats:
                 path = os.path.join(out_dir, f"{name}.{'onnx' if fmt == 'onnx' else 'pt2'}")
-                _, t_export = timed(lambda: export_detector(model, fmt, path, sample_size=sample))
+                report, t_export = timed(lambda: export_detector(model, fmt, path, sample_size=sample))
+                limits.append(f"{name} {fmt}: traced at {sample[0]}x{sample[1]}, accepts H >= {report.min_size[0]}, "
+                              f"W >= {report.min_size[1]}, K = {report.num_detections}")
                 run = load_torch_program(path) if fmt == "torch_export" else \
                     (lambda s: (lambda image: run_onnx(s, image)))(onnx_session(path, providers=["CPUExecutionProvider"]))
                 for photo, rgb in photos.items():
@@ -109,6 +112,7 @@ def main(argv=None):
                     print(f"| {name} | {fmt} | {photo} | {h}x{w} | {diff.max_score_diff:.1e} | {diff.max_box_diff:.1e} | "
                           f"{diff.unmatched}/{diff.num_detections} | {t_torch:.2f} | {t_program:.2f} | {t_export:.0f} |"
                           + ("" if diff.ok else " FAILED"), flush=True)
+    print("\n".join(limits))
     print("all checks passed" if not failures else f"{failures} check(s) FAILED")
     return 1 if failures else 0
 

@@ -18,7 +18,7 @@ from .deployment_model import INPUT_NAMES, OUTPUT_NAMES, DeploymentModel
 from .onnx_export import DEFAULT_OPSET, onnx_session, run_onnx, save_onnx
 from .optional import require
 from .torch_program import load_torch_program, save_torch_program
-from .tracing import export_program, symbolic_input_sizes
+from .tracing import export_program, minimum_input_size, symbolic_input_sizes
 
 __all__ = ["FORMATS", "ExportMismatchError", "ExportReport", "OutputPathError", "export_detector",
            "pytorch_detections", "synthetic_image"]
@@ -39,11 +39,13 @@ class ExportReport:
     path: str
     format: str
     num_detections: int
+    min_size: Tuple[int, int] = (0, 0)
     checks: List[Tuple[Tuple[int, int], DetectionDifference]] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"wrote {self.path} ({self.format}): image [1, 3, H, W] -> boxes [{self.num_detections}, 4], "
-                 f"scores [{self.num_detections}], labels [{self.num_detections}]"]
+                 f"scores [{self.num_detections}], labels [{self.num_detections}]; H >= {self.min_size[0]}, "
+                 f"W >= {self.min_size[1]}"]
         lines += [f"  checked at {h}x{w} against PyTorch: {diff}" for (h, w), diff in self.checks]
         return "\n".join(lines)
 
@@ -123,6 +125,7 @@ def export_detector(
     if tuple(check_size) == tuple(sample_size):
         raise ValueError(f"check_size {check_size} must differ from sample_size {sample_size}")
     exported = export_program(program, sample)
+    min_size = minimum_input_size(exported)
 
     fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".onnx" if format == "onnx" else ".pt2", dir=os.path.dirname(path))
     os.close(fd)
@@ -130,6 +133,7 @@ def export_detector(
         if format == "onnx":
             metadata = {"input_format": detector.input_format, "size_divisibility": program.size_divisibility,
                         "inputs": "image [1, 3, height, width] float32 0..255",
+                        "min_height": min_size["height"], "min_width": min_size["width"],
                         "outputs": "boxes [K, 4] xyxy pixels, scores [K], labels [K] int64"}
             save_onnx(exported, tmp, symbolic_input_sizes(exported), metadata, opset=opset)
             session = onnx_session(tmp, providers=["CPUExecutionProvider"])
@@ -139,7 +143,8 @@ def export_detector(
             save_torch_program(exported, tmp)
             run = load_torch_program(tmp)
 
-        report = ExportReport(path=path, format=format, num_detections=0)
+        report = ExportReport(path=path, format=format, num_detections=0,
+                              min_size=(min_size["height"], min_size["width"]))
         for size, seed in ((tuple(sample_size), 0), (tuple(check_size), 1)):
             image = synthetic_image(*size, seed=seed)
             reference = pytorch_detections(detector, image)

@@ -8,7 +8,7 @@ from torch import nn
 
 from .deployment_model import INPUT_NAMES, DeploymentModel, NotExportableError
 
-__all__ = ["export_program", "symbolic_input_sizes"]
+__all__ = ["export_program", "minimum_input_size", "symbolic_input_sizes"]
 
 
 def export_program(program: DeploymentModel, sample: torch.Tensor) -> torch.export.ExportedProgram:
@@ -36,6 +36,18 @@ def symbolic_input_sizes(exported: torch.export.ExportedProgram) -> Dict[str, st
     node = next(n for n in exported.graph.nodes if n.op == "placeholder" and n.name == INPUT_NAMES[0])
     shape = node.meta["val"].shape
     return {str(shape[2]): "height", str(shape[3]): "width"}
+
+
+def minimum_input_size(exported: torch.export.ExportedProgram) -> Dict[str, int]:
+    """{"height": h, "width": w}: the smallest sizes the program accepts (torch.export derives
+    them from the model, e.g. a feature map of at least 2 x 2 pixels)."""
+    node = next(n for n in exported.graph.nodes if n.op == "placeholder" and n.name == INPUT_NAMES[0])
+    shape = node.meta["val"].shape
+    sizes = {}
+    for axis, name in ((2, "height"), (3, "width")):
+        symbol = shape[axis].node.expr
+        sizes[name] = int(exported.range_constraints[symbol].lower)
+    return sizes
 
 
 def _failing_module(error: BaseException, detector: nn.Module) -> str:
