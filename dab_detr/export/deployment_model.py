@@ -57,6 +57,9 @@ class DeploymentModel(nn.Module):
         self.num_detections = detector.select_box_nums_for_evaluation  # clipped to Q * C by select_top_k
 
     def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        channels = self.detector.pixel_mean.shape[0]
+        if image.dim() != 4 or image.shape[0] != 1 or image.shape[1] != channels:  # static sizes: no guard
+            raise ValueError(f"DeploymentModel takes one image [1, {channels}, H, W], got {tuple(image.shape)}")
         height, width = image.shape[-2:]
         x = (image[0] - self.detector.pixel_mean) / self.detector.pixel_std
         # zero padding at the bottom and right to the size divisibility, as ImageList.from_tensors
@@ -71,6 +74,6 @@ class DeploymentModel(nn.Module):
         outputs = self.detector.predict(x, padding_mask)
         scores, labels, boxes = select_top_k(outputs["pred_logits"], outputs["pred_boxes"], self.num_detections)
         boxes = boxes[0]
-        # per-coordinate products keep H and W symbolic (a tensor built from them would not)
+        # scaled by per-coordinate products with the symbolic sizes: nothing is fixed to the sample's
         boxes = torch.stack((boxes[:, 0] * width, boxes[:, 1] * height, boxes[:, 2] * width, boxes[:, 3] * height), 1)
         return boxes, scores[0], labels[0]
