@@ -158,6 +158,9 @@ def export_detector(
                     f"nothing was written to {path}"
                 )
         report.num_detections = len(reference[1])
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the permissions of a normally created file, not mkstemp's 0600
         os.replace(tmp, path)
         return report
     finally:
