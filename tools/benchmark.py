@@ -11,6 +11,8 @@ Prints numbers, asserts nothing: performance targets live here, not in the tests
     python tools/benchmark.py --config-file configs/dab_detr_r50.py --compare transformers --compile --skip-train
     # GPU: images/s and peak memory, mixed precision (fp16 on CUDA, bf16 on CPU)
     python tools/benchmark.py --config-file configs/dab_detr_r50.py --device cuda --amp --batch-size 2
+    # onnxruntime beside PyTorch on the same image (exports a verified ONNX file first)
+    python tools/benchmark.py --config-file configs/dab_detr_r50.py --onnxruntime --skip-train
 
 Every measurement runs ``--warmup`` untimed then ``--iters`` timed repetitions; with
 ``--compare`` the two models alternate (ours, theirs, ours, ...) on the same input so that
@@ -266,6 +268,8 @@ def main():
                         help="inference through torch.compile(model.backbone) (inductor, frozen weights); "
                              "falls back to eager with a message if compilation fails")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--onnxruntime", action="store_true",
+                        help="also export to ONNX (verified) and time onnxruntime on the first image (CPU, and CUDA where present)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     args = parser.parse_args()
 
@@ -362,6 +366,12 @@ def main():
             port.train()
 
     report("inference", infer, 1, eval_mode)
+    if args.onnxruntime:
+        from dab_detr.export.runtime_benchmark import time_onnxruntime  # optional packages: imported on demand
+
+        for provider, t_ort in time_onnxruntime(model, inputs[0]["image"][None].float(), args.iters, args.warmup).items():
+            print(f"  onnxruntime {provider}: {t_ort * 1000:.1f} ms/image (same image; PyTorch fp32 above)")
+        model.to(device)
     if not args.skip_train:
         report("training step", train, 3, train_mode)
 

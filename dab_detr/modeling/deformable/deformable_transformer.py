@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from ..box_ops import inverse_sigmoid
 from ..mlp import MLP
 from ..position_encoding import anchor_sine_embedding
-from .ms_deform_attn import MSDeformAttn
+from .ms_deform_attn import MSDeformAttn, _as_shape_list
 
 
 def valid_ratios_of(mask: torch.Tensor) -> torch.Tensor:
@@ -31,7 +31,7 @@ def encoder_reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.T
     """Reference points of the encoder tokens.
 
     Args:
-        spatial_shapes: [L, 2] (h_l, w_l).
+        spatial_shapes: [L, 2] tensor or list of (h_l, w_l).
         valid_ratios: [B, L, 2] (w, h) valid fractions.
 
     Returns:
@@ -40,7 +40,7 @@ def encoder_reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.T
         original's (inherited from Deformable DETR, its issue #36) and is kept for parity.
     """
     points = []
-    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+    for level, (h, w) in enumerate(_as_shape_list(spatial_shapes)):
         ys = torch.arange(h, dtype=torch.float32, device=valid_ratios.device) + 0.5
         xs = torch.arange(w, dtype=torch.float32, device=valid_ratios.device) + 0.5
         ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
@@ -276,9 +276,9 @@ class DABDeformableTransformer(nn.Module):
             [pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1) for lvl, pos in enumerate(pos_embeds)],
             1,
         )
-        # on the CPU: every layer reads the shapes as Python ints (split, grid_sample per level),
-        # which on a GPU would be a device-to-host sync per layer
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long)
+        # (h, w) pairs as a list, not a tensor: no host-device sync per layer, and the sizes stay
+        # symbolic under torch.export (a tensor's values would become data-dependent)
+        spatial_shapes = shapes
         valid_ratios = torch.stack([valid_ratios_of(m) for m in masks], 1)
         return src_flatten, mask_flatten, pos_flatten, spatial_shapes, valid_ratios
 
@@ -292,7 +292,7 @@ class DABDeformableTransformer(nn.Module):
         """
         batch = memory.shape[0]
         proposals, start = [], 0
-        for level, (h, w) in enumerate(spatial_shapes.tolist()):
+        for level, (h, w) in enumerate(_as_shape_list(spatial_shapes)):
             mask = memory_padding_mask[:, start : start + h * w].view(batch, h, w)
             valid_h = (~mask[:, :, 0]).sum(1)
             valid_w = (~mask[:, 0, :]).sum(1)
@@ -355,7 +355,7 @@ class DABDeformableTransformer(nn.Module):
                 raise ValueError(
                     f"two-stage needs at least two_stage_num_proposals={self.two_stage_num_proposals} "
                     f"encoder tokens, but the images give only {memory.shape[1]} (feature sizes "
-                    f"{spatial_shapes.tolist()}); use larger images or fewer proposals"
+                    f"{_as_shape_list(spatial_shapes)}); use larger images or fewer proposals"
                 )
             output_memory, proposals = self.encoder_proposals(memory, mask_flatten, spatial_shapes)
             scores = proposal_class_embed(output_memory).max(-1)[0]

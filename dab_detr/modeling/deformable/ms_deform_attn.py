@@ -16,8 +16,9 @@ SpatialShapes = Union[torch.Tensor, Sequence[Tuple[int, int]]]
 
 def _as_shape_list(spatial_shapes: SpatialShapes) -> list:
     if isinstance(spatial_shapes, torch.Tensor):
-        spatial_shapes = spatial_shapes.tolist()
-    return [(int(h), int(w)) for h, w in spatial_shapes]
+        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    # a list is kept as given: its sizes may be symbolic (torch.export), which int() would fix
+    return [(h, w) for h, w in spatial_shapes]
 
 
 def multi_scale_deformable_attention(
@@ -134,7 +135,7 @@ class MSDeformAttn(nn.Module):
         query: torch.Tensor,
         reference_points: torch.Tensor,
         input_flatten: torch.Tensor,
-        spatial_shapes: torch.Tensor,
+        spatial_shapes: SpatialShapes,
         input_padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """
@@ -143,7 +144,7 @@ class MSDeformAttn(nn.Module):
             reference_points: [B, Lq, L, 2] points (x, y) or [B, Lq, L, 4] boxes (cx, cy, w, h),
                 normalized to [0, 1] over the padded map of each level.
             input_flatten: [B, S, C], the flattened multi-level features (values).
-            spatial_shapes: [L, 2] long tensor of (h_l, w_l).
+            spatial_shapes: [L, 2] long tensor (or list of pairs) of (h_l, w_l).
             input_padding_mask: [B, S] bool, True on padding (those values are zeroed).
 
         Returns:
@@ -169,10 +170,9 @@ class MSDeformAttn(nn.Module):
         )
         weights = weights.softmax(-1).view(batch, num_queries, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
-            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
-            # the shapes live on the CPU (no device-to-host sync when the sampling reads them);
-            # a non-blocking copy does not wait for the device either
-            normalizer = normalizer.to(offsets.device, non_blocking=True).to(offsets.dtype)
+            # torch.tensor, not new_tensor: it keeps symbolic sizes symbolic under torch.export
+            normalizer = torch.tensor([(w, h) for h, w in _as_shape_list(spatial_shapes)],
+                                      dtype=offsets.dtype, device=offsets.device)
             locations = (
                 reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
             )
