@@ -141,3 +141,34 @@ def test_curves_from_metrics_json(setup, tmp_path):
     with pytest.raises(SystemExit, match="nope.json: no such metrics file"):
         visualize("curves", str(tmp_path / "nope.json"))
     assert os.path.getsize(path) > 0
+
+
+def test_layer_boxes_are_the_predictors_detections(setup, tmp_path, monkeypatch):
+    """The pictures show what the predictor detects: the last layer's top query of
+    ``decoder_layer_boxes`` is the predictor's top detection (same score, class and box), and
+    ``tools/visualize.py`` hands the model the image in the model's own channel order."""
+    from dab_detr.decoder_inspection import decoder_layer_boxes, positional_attention
+
+    predictor = Predictor(DEMO_CONFIG, setup["plain"], overrides=SMALL, device="cpu")
+    top = predictor(setup["image"])["instances"][0]
+    result = decoder_layer_boxes(predictor, setup["image"], top_k=1)
+    torch.testing.assert_close(result["scores"][0], top.scores[0], atol=1e-6, rtol=0)
+    assert int(result["classes"][0]) == int(top.pred_classes[0])
+    torch.testing.assert_close(result["boxes"][-1, 0], top.pred_boxes.tensor[0], atol=1e-3, rtol=0)
+
+    tool = load_tool("visualize")
+    seen = []
+
+    def record(function):
+        def wrapper(predictor, image, **kwargs):
+            seen.append(image)
+            return function(predictor, image, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(tool, "decoder_layer_boxes", record(decoder_layer_boxes))
+    monkeypatch.setattr(tool, "positional_attention", record(positional_attention))
+    tool.main(["layers", setup["image"], "--top-k", "1", "--output", str(tmp_path / "l.png"), *model_args(setup)])
+    tool.main(["attention", setup["image"], "--top-k", "1", "--output", str(tmp_path / "a.png"), *model_args(setup)])
+    assert len(seen) == 3
+    for image in seen:  # what the tool gave the model is, for the model, the file itself
+        torch.testing.assert_close(predictor(image)["instances"].scores, predictor(setup["image"])["instances"].scores)

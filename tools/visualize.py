@@ -84,8 +84,8 @@ def plot_anchors(predictor, output, num_boxes=40, seed=0):
 
 def plot_layers(predictor, image_path, output, top_k=3):
     """Figure 11: per detection, the anchor (dashed) and the box after each decoder layer."""
-    image = _read_image(image_path)
-    result = decoder_layer_boxes(predictor, image, top_k=top_k, queries=None)
+    image = _read_image(image_path)  # RGB, for drawing; the model reads the file itself (its own format)
+    result = decoder_layer_boxes(predictor, image_path, top_k=top_k, queries=None)
     metadata = dataset_metadata(predictor.cfg)
     num_layers, count = result["boxes"].shape[:2]
     fig, axes = plt.subplots(1, count, figsize=(3.2 * count, 3.4), squeeze=False)
@@ -108,10 +108,10 @@ def plot_layers(predictor, image_path, output, top_k=3):
 
 def plot_attention(predictor, image_path, output, layer=-1, queries=None, top_k=3, temperature=None, head=None):
     """Figures 4, 6, 7: positional attention maps with the modulation on (left) and off (right)."""
-    image = _read_image(image_path)
-    on = positional_attention(predictor, image, layer=layer, queries=queries, top_k=top_k,
+    image = _read_image(image_path)  # RGB, for drawing; the model reads the file itself (its own format)
+    on = positional_attention(predictor, image_path, layer=layer, queries=queries, top_k=top_k,
                               modulation=True, temperature=temperature)
-    off = positional_attention(predictor, image, layer=layer, queries=on["queries"].tolist(),
+    off = positional_attention(predictor, image_path, layer=layer, queries=on["queries"].tolist(),
                                modulation=False, temperature=temperature)
     count = len(on["queries"])
     fig, axes = plt.subplots(count, 2, figsize=(6.4, 3.0 * count), squeeze=False)
