@@ -1,4 +1,5 @@
 """Shared fixtures: small DAB-DETR models and inputs for CPU tests."""
+import functools
 import importlib.util
 import os
 
@@ -18,6 +19,15 @@ def load_tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def original_eps(monkeypatch):
+    """transformers' DAB-DETR with the original's inverse-sigmoid eps (1e-3; the port uses 1e-5)."""
+    from transformers.models.dab_detr import modeling_dab_detr
+
+    monkeypatch.setattr(modeling_dab_detr, "inverse_sigmoid",
+                        functools.partial(modeling_dab_detr.inverse_sigmoid, eps=1e-3))
 
 
 def small_model_config(**overrides):

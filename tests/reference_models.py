@@ -422,3 +422,18 @@ def photographs(sizes=((384, 384), (300, 448))):
         t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()[None]
         images.append(F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0])
     return images
+
+
+def padded_photo_batch(sizes):
+    """The photographs at ``sizes``, normalized with ImageNet's mean / std (0-255 RGB) and
+    zero-padded into one batch: (images [B, 3, H, W], padding mask [B, H, W], True = padding)."""
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+    images = photographs(sizes=sizes)
+    h, w = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+    x = torch.zeros(len(images), 3, h, w)
+    padding = torch.ones(len(images), h, w, dtype=torch.bool)
+    for i, im in enumerate(images):
+        x[i, :, : im.shape[1], : im.shape[2]] = (im - mean) / std
+        padding[i, : im.shape[1], : im.shape[2]] = False
+    return x, padding

@@ -11,7 +11,6 @@ original -> transformers renaming (reference_models.py), on two real photographs
 padding; for Swin-T its backbone is Detectron2's SwinTransformer (what detrex's config builds),
 loaded with detrex's ``backbone.*`` tensors as they are.
 """
-import functools
 import os
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 from conftest import REPO, load_tool
 from detectron2.config import LazyConfig, instantiate
 from reference_models import (DETREX_MODELS, detrex_to_original, hf_per_layer, hf_reference, original_shapes,
-                              original_to_hf, photographs, random_detrex_checkpoint, read_key_list)
+                              original_to_hf, padded_photo_batch, random_detrex_checkpoint, read_key_list)
 
 from dab_detr.checkpoint import DABDETRCheckpointer
 
@@ -28,8 +27,6 @@ pytest.importorskip("timm")
 
 convert_main = load_tool("convert_checkpoint").main
 RTOL = 1e-4
-MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
-STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
 # detrex model -> the config the converter must print, and that config's image-PE temperature;
 # detrex's plain DC5 file is the converted original R50-DC5, trained with temperature 10
 EXPECTED = {
@@ -46,22 +43,7 @@ EXPECTED = {
 def batch():
     """Two photographs (160x160 and 128x224: multiples of 32, as the Swin backbone pads; small
     for CPU time), normalized and zero-padded into one batch, with the padding mask."""
-    images = photographs(sizes=((160, 160), (128, 224)))
-    h, w = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
-    x = torch.zeros(len(images), 3, h, w)
-    padding = torch.ones(len(images), h, w, dtype=torch.bool)
-    for i, im in enumerate(images):
-        x[i, :, : im.shape[1], : im.shape[2]] = (im - MEAN) / STD
-        padding[i, : im.shape[1], : im.shape[2]] = False
-    return x, padding
-
-
-@pytest.fixture
-def original_eps(monkeypatch):
-    from transformers.models.dab_detr import modeling_dab_detr
-
-    monkeypatch.setattr(modeling_dab_detr, "inverse_sigmoid",
-                        functools.partial(modeling_dab_detr.inverse_sigmoid, eps=1e-3))
+    return padded_photo_batch(((160, 160), (128, 224)))
 
 
 def _relative_error(ours, ref):

@@ -11,14 +11,12 @@ photographs of different sizes batched together (so padding masks are exercised 
 One deliberate change to the reference: transformers clamps ``inverse_sigmoid`` at 1e-5, the
 original at 1e-3 (SPEC section 4); the reference is run with the original's 1e-3.
 """
-import functools
-
 import pytest
 import torch
 from conftest import MODEL_CONFIG
 from detectron2.config import LazyConfig, instantiate
 from reference_models import (COCO_IDS, hf_per_layer, hf_reference, original_checkpoint, original_to_detrex,
-                              original_to_hf, photographs, random_original_state_dict)
+                              original_to_hf, padded_photo_batch, random_original_state_dict)
 from safetensors.torch import save_file
 
 from dab_detr.checkpoint import DABDETRCheckpointer, convert_checkpoint_file
@@ -32,29 +30,12 @@ VARIANTS = {  # name: (num_patterns, DC5, image-PE temperature, config) as relea
     "R50-3patterns": (3, False, 20, "configs/dab_detr_r50_3patterns.py"),
     "R50-DC5": (0, True, 10, "configs/dab_detr_r50_dc5.py"),
 }
-MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
-STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
 
 
 @pytest.fixture(scope="module")
 def batch():
     """Two photographs (384x384 and 300x448), normalized, zero-padded into one batch."""
-    images = photographs(sizes=((384, 384), (300, 448)))
-    h, w = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
-    x = torch.zeros(len(images), 3, h, w)
-    padding = torch.ones(len(images), h, w, dtype=torch.bool)
-    for i, im in enumerate(images):
-        x[i, :, : im.shape[1], : im.shape[2]] = (im - MEAN) / STD
-        padding[i, : im.shape[1], : im.shape[2]] = False
-    return x, padding
-
-
-@pytest.fixture
-def original_eps(monkeypatch):
-    from transformers.models.dab_detr import modeling_dab_detr
-
-    monkeypatch.setattr(modeling_dab_detr, "inverse_sigmoid",
-                        functools.partial(modeling_dab_detr.inverse_sigmoid, eps=1e-3))
+    return padded_photo_batch(((384, 384), (300, 448)))
 
 
 def _our_model(num_patterns, dc5, temperature):

@@ -40,6 +40,13 @@ def qk_proj(prefix: str, which: str, kind: str) -> str:
     return f"{prefix}_{which[0]}{kind}_proj"
 
 
+def decoder_qk(prefix: str):
+    """A rule target for a decoder query/key projection matched as (layer, query|key,
+    content|pos, rest): -> ``transformer.decoder.layers.<layer>.<prefix>_<q|k><kind>_proj.<rest>``."""
+    return lambda m: (f"transformer.decoder.layers.{m.group(1)}.{qk_proj(prefix, m.group(2), m.group(3))}.{m.group(4)}",
+                      None)
+
+
 @dataclass
 class Renamed:
     """What ``apply_rules`` made of a state dict."""

@@ -13,18 +13,13 @@ key lists in ``shared/spec-data/detrex_dab_detr_*_keys.txt``).
   keeps a second copy of the box head (``transformer.decoder.bbox_embed``); the shared decoder
   norm is ``post_norm_layer``.
 """
-from ..rename import qk_proj, to, torchvision_backbone
+from ..rename import decoder_qk, to, torchvision_backbone
 from .base import SourceLayout
 
 _LAYER = r"^transformer\.(encoder|decoder)\.layers\.(\d+)\."
 _OUT = r"transformer.\1.layers.\2."
 _DEC = r"^transformer\.decoder\.layers\.(\d+)\."
 _T_DEC = r"transformer.decoder.layers.\1."
-
-
-def _decoder_qk(prefix):
-    return lambda m: (f"transformer.decoder.layers.{m.group(1)}.{qk_proj(prefix, m.group(2), m.group(3))}.{m.group(4)}",
-                      None)
 
 
 RULES = [
@@ -39,10 +34,10 @@ RULES = [
     (_LAYER + r"ffns\.0\.layers\.1\.(.+)$", to(_OUT + r"linear2.\3")),
     # the PReLU, registered twice: both copies must be equal
     (_LAYER + r"ffns\.0\.(?:layers\.0\.1|activation)\.weight$", to(_OUT + "activation.weight")),
-    (_DEC + r"attentions\.0\.(query|key)_(content|pos)_proj\.(.+)$", _decoder_qk("sa")),
+    (_DEC + r"attentions\.0\.(query|key)_(content|pos)_proj\.(.+)$", decoder_qk("sa")),
     (_DEC + r"attentions\.0\.value_proj\.(.+)$", to(_T_DEC + r"sa_v_proj.\2")),
     (_DEC + r"attentions\.0\.out_proj\.(.+)$", to(_T_DEC + r"self_attn.out_proj.\2")),
-    (_DEC + r"attentions\.1\.(query|key)_(content|pos)_proj\.(.+)$", _decoder_qk("ca")),
+    (_DEC + r"attentions\.1\.(query|key)_(content|pos)_proj\.(.+)$", decoder_qk("ca")),
     (_DEC + r"attentions\.1\.query_pos_sine_proj\.(.+)$", to(_T_DEC + r"ca_qpos_sine_proj.\2")),
     (_DEC + r"attentions\.1\.value_proj\.(.+)$", to(_T_DEC + r"ca_v_proj.\2")),
     (_DEC + r"attentions\.1\.out_proj\.(.+)$", to(_T_DEC + r"cross_attn.out_proj.\2")),

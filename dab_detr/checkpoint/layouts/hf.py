@@ -9,18 +9,13 @@ import json
 import os
 import re
 
-from ..rename import qk_proj, to, torchvision_backbone
+from ..rename import decoder_qk, to, torchvision_backbone
 from .base import SourceLayout, weights_under_model
 
 _ENC = r"^model\.encoder\.layers\.(\d+)\."
 _DEC = r"^model\.decoder\.layers\.(\d+)\."
 _T_ENC = r"transformer.encoder.layers.\1."
 _T_DEC = r"transformer.decoder.layers.\1."
-
-
-def _decoder_qk(prefix):
-    return lambda m: (f"transformer.decoder.layers.{m.group(1)}.{qk_proj(prefix, m.group(2), m.group(3))}.{m.group(4)}",
-                      None)
 
 
 RULES = [
@@ -39,11 +34,11 @@ RULES = [
     (_ENC + r"final_layer_norm\.(.+)$", to(_T_ENC + r"norm2.\2")),
     (_ENC + r"fc([12])\.(.+)$", to(_T_ENC + r"linear\2.\3")),
     (_ENC + r"activation_fn\.weight$", to(_T_ENC + "activation.weight")),
-    (_DEC + r"self_attn\.self_attn_(query|key)_(content|pos)_proj\.(.+)$", _decoder_qk("sa")),
+    (_DEC + r"self_attn\.self_attn_(query|key)_(content|pos)_proj\.(.+)$", decoder_qk("sa")),
     (_DEC + r"self_attn\.self_attn_value_proj\.(.+)$", to(_T_DEC + r"sa_v_proj.\2")),
     (_DEC + r"self_attn\.self_attn\.output_proj\.(.+)$", to(_T_DEC + r"self_attn.out_proj.\2")),
     (_DEC + r"self_attn\.self_attn_layer_norm\.(.+)$", to(_T_DEC + r"norm1.\2")),
-    (_DEC + r"cross_attn\.cross_attn_(query|key)_(content|pos)_proj\.(.+)$", _decoder_qk("ca")),
+    (_DEC + r"cross_attn\.cross_attn_(query|key)_(content|pos)_proj\.(.+)$", decoder_qk("ca")),
     (_DEC + r"cross_attn\.cross_attn_query_pos_sine_proj\.(.+)$", to(_T_DEC + r"ca_qpos_sine_proj.\2")),
     (_DEC + r"cross_attn\.cross_attn_value_proj\.(.+)$", to(_T_DEC + r"ca_v_proj.\2")),
     (_DEC + r"cross_attn\.cross_attn\.output_proj\.(.+)$", to(_T_DEC + r"cross_attn.out_proj.\2")),
