@@ -52,6 +52,15 @@ class TrainingCheckpointer(DABDETRCheckpointer):
             f.write(last_filename_basename)
 
     # ------------------------------------------------------------------ resume
+    _verified = None  # (path, checkpoint): the file resume read completely, handed to load() once
+
+    def _torch_load(self, f):
+        if self._verified is not None and os.path.abspath(f) == self._verified[0]:
+            _, checkpoint = self._verified
+            self._verified = None
+            return checkpoint
+        return super()._torch_load(f)
+
     def _read_training_checkpoint(self, filename: str) -> Dict[str, Any]:
         """Read ``filename`` completely; raise CheckpointError when it cannot be resumed from."""
         if not os.path.isfile(filename):
@@ -89,8 +98,12 @@ class TrainingCheckpointer(DABDETRCheckpointer):
                                "(iteration %s) instead", "; ".join(problems), filename,
                                checkpoint["iteration"])
                 self.tag_last_checkpoint(os.path.basename(filename))
-            del checkpoint  # verified; load() reads it again through the usual path
-            return self.load(filename)
+            # verified: load() takes the checkpoint already read through the usual path (no second read)
+            self._verified = (os.path.abspath(filename), checkpoint)
+            try:
+                return self.load(filename)
+            finally:
+                self._verified = None
         raise CheckpointError(
             f"--resume: no readable training checkpoint in {self.save_dir}:\n  " + "\n  ".join(problems)
             + "\nMove the folder away (or run without --resume) to start the run again.")
