@@ -80,7 +80,6 @@ dataloader.test.num_workers = 1
 # the last 600. (fvcore schedules are relative: train.max_iter=N keeps the same shape.)
 train.max_iter = 4400
 optimizer.lr = 2e-4
-optimizer.fused = True  # one fused AdamW kernel instead of a Python loop over ~250 tensors (CPU and CUDA)
 optimizer.params.lr_factor_func = None  # no pretrained backbone: same lr everywhere
 optimizer.weight_decay = 1e-4
 lr_multiplier = L(WarmupParamScheduler)(

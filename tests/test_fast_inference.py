@@ -135,3 +135,25 @@ def test_fast_path_runs_under_autocast(dtype):
             mixed = fast(inputs)[0]["instances"]
     assert len(mixed) == len(reference) and torch.isfinite(mixed.scores).all()
     assert (mixed.scores.sort().values - reference.scores.sort().values).abs().max() < 0.05
+
+
+def test_unpadded_batch_attends_without_a_mask_and_gives_the_same_outputs():
+    """A batch whose images fill the padded tensor needs no attention mask: the forward skips it
+    (decided from the Python image sizes) and computes the same outputs as with the mask."""
+    torch.manual_seed(0)
+    model = _dab_detr(True).eval()
+    inputs = make_inputs([(96, 128), (96, 128)], with_targets=False)  # divisible by 32: no padding
+    images = model.preprocess_image(inputs)
+    assert not model.has_padding(images)
+    assert model.has_padding(model.preprocess_image(make_inputs([(96, 128), (80, 112)], with_targets=False)))
+    mask = model.padding_mask(images)
+    seen = []
+    hook = model.transformer.register_forward_pre_hook(lambda _m, args: seen.append(args[1]))
+    with torch.no_grad():
+        masked = model.predict(images.tensor, mask, padded=True)
+        unmasked = model.predict(images.tensor, mask, padded=False)
+        model(inputs)
+    hook.remove()
+    assert seen[0] is not None and seen[1] is None and seen[2] is None  # forward took the unmasked path
+    for key in ("pred_logits", "pred_boxes"):
+        assert (masked[key] - unmasked[key]).abs().max() < 1e-5

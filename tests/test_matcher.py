@@ -104,3 +104,66 @@ def test_criterion_weights_and_aux_suffixes():
         assert torch.allclose(weighted["loss_giou" + suffix], 2 * unweighted["loss_giou" + suffix])
     with pytest.raises(ValueError, match="loss_clas"):
         SetCriterion(HungarianMatcher(), weight_dict={"loss_clas": 1.0})
+
+
+def _per_layer_reference_losses(matcher, out, targets, num_boxes):
+    """The set loss written out one output at a time, as the original code computes it (focal loss
+    summed, L1 summed, the diagonal of the pairwise GIoU matrix): the reference of the batched
+    ``SetCriterion``."""
+    from torch.nn import functional as F
+    from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+
+    logits, boxes = out["pred_logits"], out["pred_boxes"]
+    indices = matcher(logits, boxes, targets)
+    batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)])
+    query_idx = torch.cat([q for q, _ in indices])
+    labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+    tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
+    onehot = torch.zeros_like(logits)
+    onehot[batch_idx, query_idx, labels] = 1.0
+    src = boxes[batch_idx, query_idx]
+    giou = torch.diag(generalized_box_iou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy")))
+    return {
+        "loss_class": sigmoid_focal_loss(logits, onehot, alpha=0.25, gamma=2.0, reduction="sum") / num_boxes,
+        "loss_bbox": F.l1_loss(src, tgt, reduction="sum") / num_boxes,
+        "loss_giou": (1 - giou).sum() / num_boxes,
+    }
+
+
+def test_layers_matched_together_equal_layers_matched_alone():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(4, 3, 20, 7, generator=g)
+    boxes = torch.rand(4, 3, 20, 4, generator=g) * 0.5 + 0.25
+    targets = _random_targets(g, [4, 0, 9], 7)
+    matcher = HungarianMatcher()
+    together = matcher.match_layers(logits, boxes, targets)
+    for layer in range(4):
+        alone = matcher(logits[layer], boxes[layer], targets)
+        for (q1, t1), (q2, t2) in zip(together[layer], alone):
+            assert torch.equal(q1, q2) and torch.equal(t1, t2)
+    # the batched cost is the per-image cost, bit for bit
+    big = matcher.pairwise_cost(logits[0, 2], boxes[0, 2], torch.cat([t["labels"] for t in targets]),
+                                torch.cat([t["boxes"] for t in targets]))
+    assert torch.equal(big[:, 4:], matcher.cost_matrix(logits[0, 2], boxes[0, 2], targets[2]))
+
+
+def test_batched_set_loss_equals_the_loss_of_each_output_alone():
+    """All decoder layers' losses computed in one pass equal the original's per-output losses."""
+    g = torch.Generator().manual_seed(5)
+    layers = [{"pred_logits": torch.randn(3, 20, 7, generator=g).requires_grad_(),
+               "pred_boxes": (torch.rand(3, 20, 4, generator=g) * 0.5 + 0.25).requires_grad_()} for _ in range(4)]
+    out = dict(layers[-1], aux_outputs=layers[:-1])
+    targets = _random_targets(g, [4, 0, 9], 7)
+    matcher = HungarianMatcher()
+    losses, _ = SetCriterion(matcher, weight_dict={"loss_class": 1, "loss_bbox": 1, "loss_giou": 1})(out, targets)
+    for suffix, layer in zip(["_0", "_1", "_2", ""], layers):
+        expected = _per_layer_reference_losses(matcher, layer, targets, num_boxes=13.0)
+        for name, value in expected.items():
+            assert abs(losses[name + suffix] - value) <= 1e-6 * abs(value), name + suffix
+    # and so do the gradients
+    total = sum(losses.values())
+    grads = torch.autograd.grad(total, [layers[1]["pred_logits"], layers[1]["pred_boxes"]])
+    expected = sum(_per_layer_reference_losses(matcher, layers[1], targets, 13.0).values())
+    grads_ref = torch.autograd.grad(expected, [layers[1]["pred_logits"], layers[1]["pred_boxes"]])
+    for a, b in zip(grads, grads_ref):
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max()

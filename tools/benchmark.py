@@ -19,6 +19,8 @@ Every measurement runs ``--warmup`` untimed then ``--iters`` timed repetitions; 
 machine noise hits both alike, and the medians are printed. GFLOP/s use fvcore's count of our
 inference forward (``dab_detr.analysis``; one multiply-add = one FLOP); a training step is
 counted as 3x the forward (the usual convention: the backward costs about twice the forward).
+A training step is forward, loss, backward and one step of torch's fused AdamW (the optimizer of
+``configs/common/optim.py``) for both models.
 Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the largest growth of the
 process's resident memory during the call (sampled every 2 ms after returning freed memory to the
 OS), an approximation.
@@ -309,7 +311,8 @@ def main():
     if args.compile:
         infer_ours = compiled_inference(model, infer_ours)
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    # torch's fused AdamW, as configs/common/optim.py trains (the same optimizer for the port)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda" and amp_dtype == torch.float16)
 
     def train_ours():
@@ -326,7 +329,7 @@ def main():
         torch.manual_seed(0)
         port, port_inputs = transformers_port(model, device)
         pixel_values, pixel_mask, labels = port_inputs(inputs)
-        port_optimizer = torch.optim.AdamW([p for p in port.parameters() if p.requires_grad], lr=1e-5)
+        port_optimizer = torch.optim.AdamW([p for p in port.parameters() if p.requires_grad], lr=1e-5, fused=True)
         port_scaler = torch.amp.GradScaler(device.type, enabled=scaler.is_enabled())
 
         def infer_port():

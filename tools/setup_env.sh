@@ -11,7 +11,19 @@
 #     (commit a59f0563) whose only wheel is tagged cp310; we download it for 3.10, rename it to a
 #     py3-none-any wheel and install it without its (numpy<2) pins. A detectron2 that already
 #     imports in the venv (for example one built from source) is left alone.
+#
+# Usage: tools/setup_env.sh          everything: the package, its optional extras and the test-only
+#                                     references (what `make test` needs)
+#        tools/setup_env.sh --core   the package alone (torch, torchvision, detectron2 and its
+#                                     dependencies): what `make demo` and a user need
 set -uo pipefail
+
+MODE=full
+case "${1:-}" in
+  "") ;;
+  --core) MODE=core ;;
+  *) echo "[setup] unknown argument '$1' (expected nothing or --core)" >&2; exit 2 ;;
+esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
@@ -61,7 +73,20 @@ have_mmdet() {
     && [ -f "$MMDET_DIR/mmcv_lite-2.2.0.dist-info/METADATA" ] && [ -f "$MMDET_DIR/addict-2.4.0.dist-info/METADATA" ]
 }
 
+CORE_CHECK="
+import importlib.metadata as m, importlib.util as u, os, sys
+assert m.version('torch') == '2.15.0' and m.version('torchvision') == '0.29.2'
+for mod in ('fvcore', 'iopath', 'pycocotools', 'omegaconf', 'hydra', 'termcolor', 'yacs', 'tabulate', 'cloudpickle',
+            'tqdm', 'matplotlib', 'tensorboard', 'scipy', 'PIL', 'numpy', 'pytest', 'pkg_resources', 'cv2'):
+    assert u.find_spec(mod) is not None, mod
+import detectron2.modeling, detectron2.engine, torchvision.ops, dab_detr
+assert os.path.realpath(os.path.dirname(dab_detr.__file__)) == os.path.realpath('$ROOT/dab_detr')
+"
 # fast path: everything already in place -> one check, nothing installed
+if [ "$MODE" = core ] && have "$CORE_CHECK"; then
+  step "ready: $VENV (core; nothing to install)"
+  exit 0
+fi
 if have_mmdet && have "
 import importlib.metadata as m, importlib.util as u, os, sys
 assert m.version('torch') == '2.15.0' and m.version('torchvision') == '0.29.2'
@@ -102,19 +127,19 @@ if [ -n "$missing" ]; then
 fi
 
 # 3b. test-only dependencies
-if ! { have_version transformers 5.23.0 && have_version timm 1.0.31 && have_version safetensors 0.8.0 && have_version scikit-image 0.26.0; }; then
+if [ "$MODE" = full ] && ! { have_version transformers 5.23.0 && have_version timm 1.0.31 && have_version safetensors 0.8.0 && have_version scikit-image 0.26.0; }; then
   step "installing test dependencies: ${TEST_DEPS[*]}"
   "${PIP[@]}" "${TEST_DEPS[@]}" || fail "install test dependencies" "pip could not install: ${TEST_DEPS[*]}"
 fi
 
 # 3c. optional extras (export, cluster)
-if ! { have_version onnx 1.23.2 && have_version onnxruntime 1.31.1 && have_version onnxscript 0.7.2 && have_version submitit 1.5.4; }; then
+if [ "$MODE" = full ] && ! { have_version onnx 1.23.2 && have_version onnxruntime 1.31.1 && have_version onnxscript 0.7.2 && have_version submitit 1.5.4; }; then
   step "installing optional extras: ${EXTRA_DEPS[*]}"
   "${PIP[@]}" "${EXTRA_DEPS[@]}" || fail "install optional extras" "pip could not install: ${EXTRA_DEPS[*]}"
 fi
 
 # 3d. test-only mmdet reference, into its own folder (written beside, then moved: never half-installed)
-if ! have_mmdet; then
+if [ "$MODE" = full ] && ! have_mmdet; then
   step "installing the test-only mmdet reference into $MMDET_DIR: ${MMDET_DEPS[*]}"
   rm -rf "$MMDET_DIR.partial"
   "${PIP[@]}" --no-deps --target "$MMDET_DIR.partial" "${MMDET_DEPS[@]}" \
@@ -143,4 +168,4 @@ if ! have "import dab_detr, os, sys; sys.exit(0 if os.path.realpath(os.path.dirn
 fi
 
 have "import dab_detr, detectron2, torchvision" || fail "final import check" "'import dab_detr, detectron2, torchvision' fails in $VENV"
-step "ready: $VENV"
+step "ready: $VENV ($MODE)"

@@ -15,4 +15,7 @@ AdamW = L(torch.optim.AdamW)(
     lr=1e-4,
     betas=(0.9, 0.999),
     weight_decay=1e-4,
+    # one fused kernel for all parameters instead of a loop over ~250 tensors (CPU and CUDA; the
+    # same AdamW update, rounded differently)
+    fused=True,
 )

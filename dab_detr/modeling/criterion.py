@@ -4,9 +4,9 @@ from typing import Dict, List, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn import functional as F
-from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+from torchvision.ops import box_convert, sigmoid_focal_loss
 
+from .box_ops import paired_generalized_box_iou
 from .matcher import HungarianMatcher
 
 
@@ -77,34 +77,65 @@ class SetCriterion(nn.Module):
             (losses, metrics): losses ``loss_class``, ``loss_bbox``, ``loss_giou`` (scalars);
             metrics ``class_error`` (percent of matched queries whose top class is wrong).
         """
+        losses, metrics = self.layer_losses(pred_logits[None], pred_boxes[None], targets, num_boxes)
+        return {name: value[0] for name, value in losses.items()}, metrics
+
+    def layer_losses(
+        self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, targets: List[Dict], num_boxes: float
+    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """Unweighted losses of L outputs at once (the decoder layers), each matched on its own.
+
+        The same losses as ``single_output_losses`` on each layer, computed as one batched pass
+        over all layers (one matching cost, one focal loss, one gather of the matched boxes)
+        instead of one pass per layer: the small-tensor work of the set loss is a large part of
+        a training step on small models.
+
+        Args:
+            pred_logits: [L, B, Q, C]; pred_boxes: [L, B, Q, 4] normalized (cx, cy, w, h).
+            targets, num_boxes: as ``single_output_losses``.
+
+        Returns:
+            (losses, metrics): ``loss_class``, ``loss_bbox``, ``loss_giou`` as [L] tensors;
+            ``class_error`` of the last layer.
+        """
         # losses in float32 even when the network runs under autocast (fp16 focal terms underflow)
         pred_logits, pred_boxes = pred_logits.float(), pred_boxes.float()
-        indices = self.matcher(pred_logits, pred_boxes, targets)
-        batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(pred_logits.device)
-        query_idx = torch.cat([q for q, _ in indices]).to(pred_logits.device)
-        matched_labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)])
-        matched_tgt_boxes = torch.cat(
-            [t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)]
-        ).float()
+        num_layers, batch = pred_logits.shape[:2]
+        indices = self.matcher.match_layers(pred_logits, pred_boxes, targets)
+        pairs = [pair for layer in indices for pair in layer]  # layer-major, then image
+        counts = [len(q) for q, _ in pairs]
+        matches_per_layer = sum(counts[:batch])  # every layer matches min(Q, N_k) pairs in image k
+        starts = torch.tensor([0] + [len(t["labels"]) for t in targets[:-1]]).cumsum(0)
+        layer_image = torch.arange(num_layers * batch).repeat_interleave(torch.tensor(counts, dtype=torch.int64))
+        image_idx = layer_image % batch
+        index = torch.stack([
+            layer_image // batch,
+            image_idx,
+            torch.cat([q for q, _ in pairs]),
+            torch.cat([j for _, j in pairs]) + starts[image_idx],  # row in the concatenated targets
+        ]).to(pred_logits.device)
+        layer_idx, batch_idx, query_idx, target_idx = index.unbind(0)
+        matched_labels = torch.cat([t["labels"] for t in targets])[target_idx]
+        matched_tgt_boxes = torch.cat([t["boxes"] for t in targets])[target_idx].float()
 
         onehot = torch.zeros_like(pred_logits)
-        onehot[batch_idx, query_idx, matched_labels] = 1.0
+        onehot[layer_idx, batch_idx, query_idx, matched_labels] = 1.0
         loss_class = sigmoid_focal_loss(
-            pred_logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
-        ) / num_boxes
+            pred_logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
+        ).flatten(1).sum(1) / num_boxes
 
-        src_boxes = pred_boxes[batch_idx, query_idx]
-        loss_bbox = F.l1_loss(src_boxes, matched_tgt_boxes, reduction="sum") / num_boxes
-        giou = torch.diag(
-            generalized_box_iou(
-                box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(matched_tgt_boxes, "cxcywh", "xyxy")
-            )
+        src_boxes = pred_boxes[layer_idx, batch_idx, query_idx]
+        per_layer = (num_layers, matches_per_layer)
+        loss_bbox = (src_boxes - matched_tgt_boxes).abs().view(num_layers, 4 * matches_per_layer).sum(1) / num_boxes
+        giou = paired_generalized_box_iou(
+            box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(matched_tgt_boxes, "cxcywh", "xyxy")
         )
-        loss_giou = (1 - giou).sum() / num_boxes
+        loss_giou = (1 - giou).view(per_layer).sum(1) / num_boxes
 
         with torch.no_grad():
-            if len(matched_labels):
-                correct = pred_logits[batch_idx, query_idx].argmax(-1) == matched_labels
+            if matches_per_layer:
+                last = slice(len(query_idx) - matches_per_layer, None)  # the last layer's pairs
+                correct = pred_logits[-1, batch_idx[last], query_idx[last]].argmax(-1) == matched_labels[last]
                 class_error = 100.0 - 100.0 * correct.float().mean()
             else:
                 class_error = torch.zeros((), device=pred_logits.device)
@@ -126,18 +157,22 @@ class SetCriterion(nn.Module):
             for encoder proposals. Metrics (detached, not losses): ``class_error``.
         """
         num_boxes = _num_boxes_across_processes(targets, outputs["pred_logits"].device)
-        named_outputs = [("", outputs)]
-        named_outputs += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        # the decoder layers (auxiliary first, the final output last) in one batched pass
+        decoder_outputs = list(outputs.get("aux_outputs", [])) + [outputs]
+        suffixes = [f"_{i}" for i in range(len(decoder_outputs) - 1)] + [""]
+        groups = [(suffixes, decoder_outputs)]
         if "enc_outputs" in outputs:
-            named_outputs.append(("_enc", outputs["enc_outputs"]))
+            groups.append((["_enc"], [outputs["enc_outputs"]]))
 
         losses, metrics = {}, {}
-        for suffix, out in named_outputs:
-            out_losses, out_metrics = self.single_output_losses(
-                out["pred_logits"], out["pred_boxes"], targets, num_boxes
+        for group_suffixes, group in groups:
+            group_losses, group_metrics = self.layer_losses(
+                torch.stack([o["pred_logits"] for o in group]), torch.stack([o["pred_boxes"] for o in group]),
+                targets, num_boxes,
             )
-            for name, value in out_losses.items():
-                losses[name + suffix] = value * self.weight_dict.get(name, 0.0)
-            if suffix == "":
-                metrics.update(out_metrics)
+            for name, values in group_losses.items():
+                for suffix, value in zip(group_suffixes, values.unbind(0)):
+                    losses[name + suffix] = value * self.weight_dict.get(name, 0.0)
+            if group_suffixes[-1] == "":
+                metrics.update(group_metrics)
         return losses, metrics

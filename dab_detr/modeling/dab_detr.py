@@ -95,7 +95,7 @@ class SetPredictionDetector(nn.Module):
     def forward(self, batched_inputs: List[Dict]):
         images = self.preprocess_image(batched_inputs)
         padding_mask = self.padding_mask(images)
-        outputs = self.predict(images.tensor, padding_mask)
+        outputs = self.predict(images.tensor, padding_mask, padded=self.has_padding(images))
 
         if self.training:
             targets = self.prepare_targets(batched_inputs, images)
@@ -140,6 +140,12 @@ class SetPredictionDetector(nn.Module):
         for i, (h, w) in enumerate(images.image_sizes):
             mask[i, :h, :w] = False
         return mask
+
+    @staticmethod
+    def has_padding(images: ImageList) -> bool:
+        """Whether any image of the batch is padded (from the Python sizes: no device sync)."""
+        height, width = images.tensor.shape[-2:]
+        return any((h, w) != (height, width) for h, w in images.image_sizes)
 
     def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
         """Ground truth as normalized (cx, cy, w, h) boxes and 0-based labels.
@@ -298,12 +304,15 @@ class DABDETR(SetPredictionDetector):
         }
 
     # ------------------------------------------------------------------ core
-    def predict(self, images: torch.Tensor, padding_mask: torch.Tensor) -> Dict:
+    def predict(self, images: torch.Tensor, padding_mask: torch.Tensor, padded: bool = True) -> Dict:
         """Run the network on a normalized, padded batch.
 
         Args:
             images: [B, 3, H, W] normalized images, zero-padded at the bottom and right.
             padding_mask: [B, H, W] bool, True on padded pixels.
+            padded: False when the caller knows that no pixel is padding (``padding_mask`` is all
+                False): the attention layers then attend without a mask, which is the same
+                attention without the masking work.
 
         Returns:
             ``pred_logits`` [B, Q, C] and ``pred_boxes`` [B, Q, 4] (normalized cx, cy, w, h) of the
@@ -314,7 +323,7 @@ class DABDETR(SetPredictionDetector):
         mask = F.interpolate(padding_mask[None].float(), size=features.shape[-2:])[0].to(torch.bool)
         image_pos = self.position_embedding(mask).to(features.dtype)
         hidden, references = self.transformer(
-            self.input_proj(features), mask, image_pos, self.refpoint_embed(), self.bbox_embed
+            self.input_proj(features), mask if padded else None, image_pos, self.refpoint_embed(), self.bbox_embed
         )
         logits = self.class_embed(hidden)
         # each layer's box is predicted relative to the anchor that layer started from

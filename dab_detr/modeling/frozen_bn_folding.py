@@ -20,7 +20,8 @@ from typing import Tuple
 import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from torch import nn
-from torch.nn import functional as F
+
+from .cpu_conv_gradients import conv2d
 
 __all__ = ["FrozenBNConv2d", "fold_frozen_batchnorm", "optimize_backbone"]
 
@@ -68,8 +69,9 @@ class FrozenBNConv2d(Conv2d):
             # and exporters see the standard graph, which they fold themselves
             return super().forward(x)
         weight, bias = self.folded_weight_and_bias()
-        # under autocast F.conv2d casts weight and bias itself, as for the unfolded Conv2d
-        x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        # under autocast F.conv2d casts weight and bias itself, as for the unfolded Conv2d; in CPU
+        # training the backward takes the faster kernel per gradient (cpu_conv_gradients)
+        x = conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         if self.activation is not None:
             x = self.activation(x)
         return x

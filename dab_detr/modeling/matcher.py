@@ -37,26 +37,34 @@ class HungarianMatcher(nn.Module):
         self.gamma = gamma
 
     @torch.no_grad()
-    def cost_matrix(self, logits: torch.Tensor, boxes: torch.Tensor, target: Dict) -> torch.Tensor:
-        """Cost of one image.
+    def pairwise_cost(self, logits: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
+                      tgt_boxes: torch.Tensor) -> torch.Tensor:
+        """Cost of every (prediction, target) pair.
 
         Args:
-            logits: [Q, C] class logits; boxes: [Q, 4] normalized (cx, cy, w, h).
-            target: dict with ``labels`` [N] (0..C-1) and ``boxes`` [N, 4] normalized (cx, cy, w, h).
+            logits: [P, C] class logits; boxes: [P, 4] normalized (cx, cy, w, h).
+            labels: [N] (0..C-1); tgt_boxes: [N, 4] normalized (cx, cy, w, h).
 
         Returns:
-            [Q, N] cost (float32).
+            [P, N] cost (float32). Each entry depends only on its own pair, so computing many
+            images (or layers) in one call gives the same numbers as one image at a time.
         """
-        prob = logits.float().sigmoid()[:, target["labels"]]
+        prob = logits.float().sigmoid()[:, labels]
         neg = (1 - self.alpha) * prob**self.gamma * -(1 - prob + 1e-8).log()
         pos = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-8).log()
         boxes = boxes.float()
-        tgt_boxes = target["boxes"].float()
+        tgt_boxes = tgt_boxes.float()
         cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)
         cost_giou = -generalized_box_iou(
             box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")
         )
         return self.cost_class * (pos - neg) + self.cost_bbox * cost_bbox + self.cost_giou * cost_giou
+
+    @torch.no_grad()
+    def cost_matrix(self, logits: torch.Tensor, boxes: torch.Tensor, target: Dict) -> torch.Tensor:
+        """Cost of one image: logits [Q, C], boxes [Q, 4], target ``labels`` [N] and ``boxes``
+        [N, 4] -> [Q, N] (float32)."""
+        return self.pairwise_cost(logits, boxes, target["labels"], target["boxes"])
 
     @torch.no_grad()
     def forward(
@@ -72,18 +80,50 @@ class HungarianMatcher(nn.Module):
             B pairs ``(query_index, target_index)``, int64 tensors of length min(Q, N_k) on CPU,
             sorted by query index.
         """
+        return self.match_layers(pred_logits[None], pred_boxes[None], targets)[0]
+
+    @torch.no_grad()
+    def match_layers(
+        self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, targets: List[Dict]
+    ) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
+        """Match the outputs of several decoder layers against the same targets, each layer and
+        each image independently (the same pairs as ``forward`` on each layer alone).
+
+        The costs of all layers and images are computed in one batched call and copied to the
+        host once (one synchronization on a GPU instead of one per layer and image); only the
+        Hungarian assignment (scipy) runs per layer and image.
+
+        Args:
+            pred_logits: [L, B, Q, C]; pred_boxes: [L, B, Q, 4] normalized (cx, cy, w, h).
+            targets: B dicts with ``labels`` [N_k] and ``boxes`` [N_k, 4].
+
+        Returns:
+            L lists of B pairs ``(query_index, target_index)`` as ``forward`` returns them.
+        """
+        num_layers, batch, num_queries = pred_logits.shape[:3]
+        sizes = [len(t["labels"]) for t in targets]
+        empty = torch.empty(0, dtype=torch.int64)
+        if sum(sizes) == 0:
+            return [[(empty, empty)] * batch for _ in range(num_layers)]
+        cost = self.pairwise_cost(
+            pred_logits.flatten(0, 2), pred_boxes.flatten(0, 2),
+            torch.cat([t["labels"] for t in targets]), torch.cat([t["boxes"] for t in targets]),
+        ).view(num_layers, batch, num_queries, -1).cpu()
+        if not torch.isfinite(cost).all():
+            raise FloatingPointError(
+                "HungarianMatcher: the matching cost has NaN/inf entries; predictions or target "
+                "boxes are not finite (check the input data and the learning rate)"
+            )
+        cost = cost.numpy()
+        starts = [sum(sizes[:k]) for k in range(batch)]
         indices = []
-        for logits, boxes, target in zip(pred_logits, pred_boxes, targets):
-            if len(target["labels"]) == 0:
-                empty = torch.empty(0, dtype=torch.int64)
-                indices.append((empty, empty))
-                continue
-            cost = self.cost_matrix(logits, boxes, target).cpu()
-            if not torch.isfinite(cost).all():
-                raise FloatingPointError(
-                    "HungarianMatcher: the matching cost has NaN/inf entries; predictions or target "
-                    "boxes are not finite (check the input data and the learning rate)"
-                )
-            rows, cols = linear_sum_assignment(cost.numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        for layer_cost in cost:
+            layer_indices = []
+            for k, (start, size) in enumerate(zip(starts, sizes)):
+                if size == 0:
+                    layer_indices.append((empty, empty))
+                    continue
+                rows, cols = linear_sum_assignment(layer_cost[k, :, start:start + size])
+                layer_indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+            indices.append(layer_indices)
         return indices

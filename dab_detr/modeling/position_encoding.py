@@ -93,6 +93,6 @@ def anchor_sine_embedding(
     if boxes.shape[-1] not in (2, 4):
         raise ValueError(f"boxes must have 2 or 4 coordinates in the last dim, got {boxes.shape}")
     scaled = boxes * (2 * math.pi)
-    feats = [_sine_features(scaled[..., i], num_feats, temperature) for i in range(boxes.shape[-1])]
-    feats[0], feats[1] = feats[1], feats[0]  # (x, y, ...) -> (y, x, ...)
-    return torch.cat(feats, dim=-1)
+    order = [1, 0, 2, 3][: boxes.shape[-1]]  # (x, y, ...) -> (y, x, ...)
+    # all coordinates in one pass: [..., n] -> [..., n, F] -> [..., n * F]
+    return _sine_features(scaled[..., order], num_feats, temperature).flatten(-2)

@@ -300,7 +300,7 @@ class DABTransformer(nn.Module):
         """
         Args:
             src: [B, d, H, W] projected backbone features.
-            padding_mask: [B, H, W] bool, True on padding.
+            padding_mask: [B, H, W] bool, True on padding; None: no padding (attention unmasked).
             image_pos: [B, d, H, W] image position embedding.
             anchors_logit: [Q, 4] learned anchors in logit space (cx, cy, w, h).
             bbox_embed: the shared box head.
@@ -311,7 +311,8 @@ class DABTransformer(nn.Module):
         batch = src.shape[0]
         src = src.flatten(2).transpose(1, 2)
         image_pos = image_pos.flatten(2).transpose(1, 2)
-        padding_mask = padding_mask.flatten(1)
+        if padding_mask is not None:
+            padding_mask = padding_mask.flatten(1)
         memory = self.encoder(src, image_pos, padding_mask)
 
         num_queries = anchors_logit.shape[0]

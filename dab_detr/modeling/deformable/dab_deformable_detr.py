@@ -214,11 +214,13 @@ class DABDeformableDETR(SetPredictionDetector):
         pos = [self.position_embedding(m).to(s.dtype) for m, s in zip(masks, srcs)]
         return srcs, masks, pos
 
-    def predict(self, images: torch.Tensor, padding_mask: torch.Tensor) -> Dict:
+    def predict(self, images: torch.Tensor, padding_mask: torch.Tensor, padded: bool = True) -> Dict:
         """Run the network on a normalized, zero-padded batch.
 
         Args:
             images: [B, 3, H, W]; padding_mask: [B, H, W] bool, True on padded pixels.
+            padded: unused (the deformable attention takes its valid ratios and value masking
+                from ``padding_mask`` either way); accepted for the shared ``forward``.
 
         Returns:
             ``pred_logits`` [B, Q, C], ``pred_boxes`` [B, Q, 4] (normalized cx, cy, w, h) of the
