@@ -125,12 +125,11 @@ class SetCriterion(nn.Module):
         ).flatten(1).sum(1) / num_boxes
 
         src_boxes = pred_boxes[layer_idx, batch_idx, query_idx]
-        per_layer = (num_layers, matches_per_layer)
         loss_bbox = (src_boxes - matched_tgt_boxes).abs().view(num_layers, 4 * matches_per_layer).sum(1) / num_boxes
         giou = paired_generalized_box_iou(
             box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(matched_tgt_boxes, "cxcywh", "xyxy")
         )
-        loss_giou = (1 - giou).view(per_layer).sum(1) / num_boxes
+        loss_giou = (1 - giou).view(num_layers, matches_per_layer).sum(1) / num_boxes
 
         with torch.no_grad():
             if matches_per_layer:
