@@ -85,6 +85,7 @@ def test_accumulating_two_micro_batches_equals_one_batch(base_model, images):
     _assert_same(grads, ref_grads)
     _assert_same(params, ref_params)
     assert "total_loss" in storage.histories()
+    assert "class_error" in storage.histories()  # the detector's diagnostics, logged by the loop
 
 
 def test_accumulation_without_the_weights_would_differ(base_model):

@@ -8,6 +8,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
 
 from .divergence import check_step_is_finite
 
@@ -47,7 +48,8 @@ class DETRTrainLoop(SimpleTrainer):
     once, to ``clip_grad_max_norm`` (L2 over all parameters; 0 disables). With ``amp``, the
     forward pass runs under autocast (fp16 with a gradient scaler on CUDA, bf16 elsewhere).
 
-    Logged losses are those of the whole step (the weighted sum over micro-batches). A step whose
+    Logged losses are those of the whole step (the weighted sum over micro-batches), and so are
+    the detector's diagnostics (``training_metrics``, logged by the main process). A step whose
     loss or gradient is not finite raises ``TrainingDivergedError`` before the optimizer step
     (``dab_detr.engine.divergence``).
     """
@@ -76,6 +78,7 @@ class DETRTrainLoop(SimpleTrainer):
 
         self.optimizer.zero_grad()
         step_losses: Dict[str, torch.Tensor] = {}
+        step_metrics: Dict[str, torch.Tensor] = {}
         for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
             last = i == len(micro_batches) - 1
             # DDP: all-reduce the gradients only once, after the last micro-batch
@@ -88,6 +91,8 @@ class DETRTrainLoop(SimpleTrainer):
                 self.grad_scaler.scale(losses * weight).backward()
             for name, value in loss_dict.items():
                 step_losses[name] = step_losses.get(name, 0.0) + value.detach() * weight
+            for name, value in self._model_metrics().items():
+                step_metrics[name] = step_metrics.get(name, 0.0) + value * weight
 
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         # with an fp16 gradient scaler, overflowing gradients are the scaler's to skip
@@ -105,8 +110,16 @@ class DETRTrainLoop(SimpleTrainer):
             torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad_max_norm, grad_norm)
         self.after_backward()
         self._write_metrics(step_losses, data_time)
+        if step_metrics and comm.is_main_process():
+            get_event_storage().put_scalars(**{name: float(value) for name, value in step_metrics.items()})
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
+
+    def _model_metrics(self) -> Dict[str, torch.Tensor]:
+        """The detector's diagnostics of its last training forward (``training_metrics``, e.g.
+        ``class_error``), read here, after the backward, rather than inside the forward."""
+        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        return getattr(model, "training_metrics", {})
 
     def state_dict(self):
         ret = super().state_dict()

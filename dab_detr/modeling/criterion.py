@@ -11,14 +11,17 @@ from .matcher import HungarianMatcher
 
 
 def _num_boxes_across_processes(targets: List[Dict], device: torch.device) -> float:
-    """Average number of target boxes per process, at least 1 (the DETR normalizer)."""
-    num_boxes = torch.as_tensor(
-        [float(sum(len(t["labels"]) for t in targets))], dtype=torch.float32, device=device
-    )
+    """Average number of target boxes per process, at least 1 (the DETR normalizer).
+
+    A Python number from the targets' sizes; only with several processes is it all-reduced
+    through a device tensor (the one wait for the device this needs, as in the original).
+    """
+    num_boxes = float(sum(len(t["labels"]) for t in targets))
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(num_boxes)
-        num_boxes = num_boxes / dist.get_world_size()
-    return num_boxes.clamp(min=1).item()
+        total = torch.tensor([num_boxes], dtype=torch.float32, device=device)
+        dist.all_reduce(total)
+        num_boxes = total.item() / dist.get_world_size()
+    return max(num_boxes, 1.0)
 
 
 class SetCriterion(nn.Module):

@@ -16,7 +16,6 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import Boxes, ImageList, Instances
-from detectron2.utils.events import get_event_storage
 
 from .anchors import AnchorBoxes
 from .box_ops import inverse_sigmoid
@@ -80,6 +79,8 @@ class SetPredictionDetector(nn.Module):
         self.clip_boxes_to_image = clip_boxes_to_image  # False: the original (boxes may leave the image)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
+        # diagnostics of the last training forward (e.g. class_error), detached device tensors
+        self.training_metrics: Dict[str, torch.Tensor] = {}
 
     @staticmethod
     def init_heads(class_embed: nn.Linear, bbox_embed: MLP) -> None:
@@ -102,7 +103,9 @@ class SetPredictionDetector(nn.Module):
             if not self.aux_loss:
                 outputs.pop("aux_outputs")
             losses, metrics = self.criterion(outputs, targets)
-            self._log_metrics(metrics)
+            # kept as device tensors: the training loop logs them where it reads the losses anyway
+            # (reading them here would make a GPU wait in the middle of the step)
+            self.training_metrics = {name: value.detach() for name, value in metrics.items()}
             return losses
 
         scores, labels, boxes = select_top_k(
@@ -154,13 +157,17 @@ class SetPredictionDetector(nn.Module):
         height, or entirely outside the image) are dropped with a warning, so they never reach
         the loss (where a zero-size box would make no sense). Non-finite coordinates and class
         ids outside [0, num_classes) raise a ``ValueError`` naming the image.
+
+        The checks and the filtering run where the data loader put the ground truth (the CPU), and
+        only the final targets are copied to the model's device: on a GPU, each check of a
+        device tensor (``.all()``, ``.any()``) would wait for the device.
         """
         targets = []
         for x, (h, w) in zip(batched_inputs, images.image_sizes):
             name = x.get("file_name", x.get("image_id", "<unnamed image>"))
             if "instances" not in x:
                 raise ValueError(f"{type(self).__name__}: training input {name} has no 'instances' (ground truth)")
-            inst = x["instances"].to(self.device)
+            inst = x["instances"]
             boxes = inst.gt_boxes.tensor
             if not torch.isfinite(boxes).all():
                 raise ValueError(f"{type(self).__name__}: image {name} has non-finite ground-truth box coordinates: {boxes.tolist()}")
@@ -181,19 +188,10 @@ class SetPredictionDetector(nn.Module):
                 )
             scale = boxes.tensor.new_tensor([w, h, w, h])
             targets.append({
-                "labels": labels[keep],
-                "boxes": box_convert(boxes.tensor[keep] / scale, "xyxy", "cxcywh"),
+                "labels": labels[keep].to(self.device),
+                "boxes": box_convert(boxes.tensor[keep] / scale, "xyxy", "cxcywh").to(self.device),
             })
         return targets
-
-    @staticmethod
-    def _log_metrics(metrics: Dict):
-        try:
-            storage = get_event_storage()
-        except AssertionError:  # called outside a trainer (no EventStorage): nothing to log to
-            return
-        for name, value in metrics.items():
-            storage.put_scalar(name, float(value))
 
 
 @META_ARCH_REGISTRY.register()
@@ -206,8 +204,9 @@ class DABDETR(SetPredictionDetector):
     coordinates) and ``gt_classes``.
 
     Output: in training, a dict of weighted losses (``loss_class``, ``loss_bbox``, ``loss_giou``
-    and ``_0``..``_4`` for the auxiliary layers); diagnostics such as ``class_error`` go to the
-    event storage. In evaluation, one ``{"instances": Instances}`` per image with
+    and ``_0``..``_4`` for the auxiliary layers); diagnostics such as ``class_error`` are kept
+    in ``training_metrics`` (detached tensors of the last training forward), which
+    ``DETRTrainLoop`` logs to the event storage. In evaluation, one ``{"instances": Instances}`` per image with
     ``pred_boxes``, ``scores`` and ``pred_classes``, the top ``select_box_nums_for_evaluation``
     (query, class) pairs, in the requested ``height`` x ``width`` (boxes are scaled, not clipped,
     as in the original).
