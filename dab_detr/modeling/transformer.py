@@ -46,11 +46,12 @@ class ProjectedAttention(nn.Module):
 
         q, k, v = split_heads(query), split_heads(key), split_heads(value)
         dropout = self.dropout if self.training else 0.0
-        if q.device.type == "cpu" and q.shape[-1] != v.shape[-1]:
+        if q.device.type == "cpu" and q.shape[-1] != v.shape[-1] and not torch.jit.is_tracing():
             # PyTorch's fused CPU kernel needs equal query and value head widths; for the
             # cross-attention's 64/32 heads SDPA falls back to a generic path that spends most of
             # its time on copies and on masking checks (DAB-DETR-R50 inference: 12 -> 8 ms per
-            # layer written out, same values to ~1e-7)
+            # layer written out, same values to ~1e-7). jit tracing (fvcore's FLOP count, export
+            # by tracing) records the standard operator.
             logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
             if key_padding_mask is not None:
                 logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
