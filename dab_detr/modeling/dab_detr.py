@@ -206,10 +206,10 @@ class DABDETR(SetPredictionDetector):
     Output: in training, a dict of weighted losses (``loss_class``, ``loss_bbox``, ``loss_giou``
     and ``_0``..``_4`` for the auxiliary layers); diagnostics such as ``class_error`` are kept
     in ``training_metrics`` (detached tensors of the last training forward), which
-    ``DETRTrainLoop`` logs to the event storage. In evaluation, one ``{"instances": Instances}`` per image with
-    ``pred_boxes``, ``scores`` and ``pred_classes``, the top ``select_box_nums_for_evaluation``
-    (query, class) pairs, in the requested ``height`` x ``width`` (boxes are scaled, not clipped,
-    as in the original).
+    ``DETRTrainLoop`` logs to the event storage. In evaluation, one ``{"instances": Instances}``
+    per image with ``pred_boxes``, ``scores`` and ``pred_classes``, the top
+    ``select_box_nums_for_evaluation`` (query, class) pairs, in the requested ``height`` x
+    ``width`` (boxes are scaled, not clipped, as in the original).
     """
 
     @configurable
