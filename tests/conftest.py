@@ -10,6 +10,9 @@ from detectron2.structures import Boxes, Instances
 
 MODEL_CONFIG = "configs/common/models/dab_detr_r50.py"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the tools run in-process by some tests would switch this whole test process's malloc to keeping
+# freed memory (dab_detr/cpu_allocator.py); tests/test_cpu_allocator.py checks that in subprocesses
+os.environ["DAB_DETR_CPU_ALLOCATOR"] = "system"
 
 
 def load_tool(name: str):

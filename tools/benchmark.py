@@ -24,6 +24,11 @@ A training step is forward, loss, backward and one step of torch's fused AdamW (
 Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the largest growth of the
 process's resident memory during the call (sampled every 2 ms after returning freed memory to the
 OS), an approximation.
+CPU allocator (``--cpu-allocator``, ``dab_detr/cpu_allocator.py``): ``keep`` (the default, as the
+training and prediction tools run) keeps freed memory in the process for reuse, for both models;
+``system`` leaves glibc's defaults, which page-fault every large tensor in afresh; ``both`` times
+every model under each setting, alternating (each timed call after an untimed one in the same
+setting).
 """
 import argparse
 import ctypes
@@ -39,6 +44,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from dab_detr.analysis import analyze_model
+from dab_detr.cpu_allocator import configure_cpu_allocator
 
 GROUPS = ("backbone", "transformer.encoder", "transformer.decoder")
 
@@ -104,8 +110,9 @@ class PeakMemory:
         return max(peak[0], self._rss()) - base
 
 
-def timed_interleaved(fns, iters, warmup, device):
-    """{name: [seconds per call]} for each of ``fns`` ({name: fn}), run alternately."""
+def timed_interleaved(fns, iters, warmup, device, before=None):
+    """{name: [seconds per call]} for each of ``fns`` ({name: fn}), run alternately;
+    ``before(name)``, when given, runs untimed before each timed call."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -116,6 +123,8 @@ def timed_interleaved(fns, iters, warmup, device):
     times = {name: [] for name in fns}
     for _ in range(iters):
         for name, fn in fns.items():
+            if before is not None:
+                before(name)
             sync()
             start = time.perf_counter()
             fn()
@@ -269,6 +278,9 @@ def main():
     parser.add_argument("--compile", action="store_true",
                         help="inference through torch.compile(model.backbone) (inductor, frozen weights); "
                              "falls back to eager with a message if compilation fails")
+    parser.add_argument("--cpu-allocator", choices=("keep", "system", "both"), default="keep",
+                        help="keep freed CPU memory for reuse (default, as the other tools), glibc's "
+                             "defaults, or both alternately (dab_detr/cpu_allocator.py)")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--onnxruntime", action="store_true",
                         help="also export to ONNX (verified) and time onnxruntime on the first image (CPU, and CUDA where present)")
@@ -277,6 +289,8 @@ def main():
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator_modes = ("keep", "system") if args.cpu_allocator == "both" else (args.cpu_allocator,)
+    configure_cpu_allocator(allocator_modes[0])
     cfg = LazyConfig.load(args.config_file)
     if "model" not in cfg:
         sys.exit(f"benchmark: {args.config_file} defines no `model`")
@@ -348,15 +362,30 @@ def main():
 
     def report(kind, fns, flops_factor, set_mode):
         set_mode()
-        times = timed_interleaved(fns, args.iters, args.warmup, device)
-        peaks = {n: memory.measure(fn) for n, fn in fns.items()}
-        medians = {n: statistics.median(t) for n, t in times.items()}
-        for n, t in medians.items():
-            print(f"{kind:>13} {n:>12}: {t * 1000:8.1f} ms/batch (median of {len(times[n])}; all "
-                  f"{', '.join(f'{x * 1000:.0f}' for x in times[n])}), {args.batch_size / t:6.2f} images/s, "
-                  f"{flops_factor * gmacs / t:6.1f} GFLOP/s, peak memory {peaks[n] / 2**30:.2f} GiB")
-        if len(medians) == 2:
-            print(f"{kind:>13}  speed-up ours vs transformers: {medians['transformers'] / medians['ours']:.2f}x")
+        # {(allocator mode, model name): fn}; with --cpu-allocator both, every call is preceded by
+        # an untimed one of the same function in the same mode
+        runs = {(mode, n): fn for mode in allocator_modes for n, fn in fns.items()}
+
+        def before(key):
+            configure_cpu_allocator(key[0])
+            if len(allocator_modes) > 1:
+                runs[key]()
+
+        times = timed_interleaved(runs, args.iters, args.warmup, device, before)
+        peaks = {}
+        for key, fn in runs.items():
+            configure_cpu_allocator(key[0])
+            peaks[key] = memory.measure(fn)
+        configure_cpu_allocator(allocator_modes[0])
+        medians = {key: statistics.median(t) for key, t in times.items()}
+        for (mode, n), t in medians.items():
+            print(f"{kind:>13} {n:>12} ({mode}): {t * 1000:8.1f} ms/batch (median of {len(times[mode, n])}; all "
+                  f"{', '.join(f'{x * 1000:.0f}' for x in times[mode, n])}), {args.batch_size / t:6.2f} images/s, "
+                  f"{flops_factor * gmacs / t:6.1f} GFLOP/s, peak memory {peaks[mode, n] / 2**30:.2f} GiB")
+        for mode in allocator_modes:
+            if (mode, "transformers") in medians:
+                print(f"{kind:>13}  speed-up ours vs transformers ({mode} allocator): "
+                      f"{medians[mode, 'transformers'] / medians[mode, 'ours']:.2f}x")
 
     def eval_mode():
         model.eval()

@@ -22,6 +22,7 @@ from detectron2.utils.logger import setup_logger
 
 from dab_detr.checkpoint import CheckpointError, DABDETRCheckpointer
 from dab_detr.config_checks import ConfigError, load_checked_config
+from dab_detr.cpu_allocator import configure_cpu_allocator
 from dab_detr.engine import LazyConfigTrainer, ModelEMA, resolve_device
 from dab_detr.engine.launch_env import launch_main
 
@@ -49,6 +50,10 @@ def main(args):
         cfg = load_checked_config(args.config_file, args.opts)
     except ConfigError as e:
         raise SystemExit(f"{args.config_file}: {e}")
+    try:  # in every process: freed CPU memory kept for reuse (dab_detr/cpu_allocator.py)
+        configure_cpu_allocator()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="dab_detr")
     if args.eval_only:

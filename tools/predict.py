@@ -30,6 +30,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.utils.logger import setup_logger
 
+from dab_detr.cpu_allocator import configure_cpu_allocator
 from dab_detr.drawing import dataset_metadata, draw_detections
 from dab_detr.predictor import ImageReadError, Predictor, read_image_file
 
@@ -230,6 +231,10 @@ def predict_video(predictor, args, metadata):
 def main(argv=None):
     args = parse_args(argv)
     setup_logger(name="dab_detr")
+    try:  # freed CPU memory kept for reuse (dab_detr/cpu_allocator.py)
+        configure_cpu_allocator()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     predictor = Predictor(args.config_file, overrides=args.opts, device=args.device)
     metadata = dataset_metadata(predictor.cfg)
     # loading the test dataset gives a custom dataset its class names, and the JSON its ids
