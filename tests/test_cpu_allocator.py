@@ -80,9 +80,11 @@ def test_other_allocator_or_no_glibc_left_alone(monkeypatch, caplog):
     assert "not glibc" in caplog.text
 
 
-@pytest.mark.parametrize("tool, args", [("lazyconfig_train_net.py", []), ("predict.py", ["--input", "x.jpg"])])
-def test_tools_exit_with_the_variable_named(tool, args):
+@pytest.mark.parametrize("tool, args", [("lazyconfig_train_net.py", ["train.output_dir={out}"]),
+                                        ("predict.py", ["--input", "x.jpg"])])
+def test_tools_exit_with_the_variable_named(tool, args, tmp_path):
     env = dict(os.environ, **{ENV_VAR: "on"})
+    args = [a.format(out=tmp_path / "out") for a in args]
     done = subprocess.run([sys.executable, os.path.join(REPO, "tools", tool), "--config-file", "configs/dab_detr_demo.py",
                            *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0

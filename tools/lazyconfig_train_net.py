@@ -50,12 +50,12 @@ def main(args):
         cfg = load_checked_config(args.config_file, args.opts)
     except ConfigError as e:
         raise SystemExit(f"{args.config_file}: {e}")
+    default_setup(cfg, args)
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="dab_detr")
     try:  # in every process: freed CPU memory kept for reuse (dab_detr/cpu_allocator.py)
         configure_cpu_allocator()
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    default_setup(cfg, args)
-    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="dab_detr")
     if args.eval_only:
         if not cfg.train.init_checkpoint:
             raise SystemExit("--eval-only needs weights: add train.init_checkpoint=/path/to/model.pth")
