@@ -11,7 +11,7 @@ install: ``M_MMAP_MAX = 0`` (large blocks come from the heap too) and a very lar
 ``M_TRIM_THRESHOLD`` (freed heap memory is not returned). The cost: the process's resident
 memory stays at its peak instead of shrinking between iterations, plus the heap's fragmentation
 (R50 training: 2.7 GiB instead of 2.6; the worst pattern tried, one 64 MB tensor allocated and
-freed in a loop, settles at about 5x the tensor).
+freed in a loop, settles at 8x the tensor).
 
 The setting is process-wide, so only entry points call it (``tools/lazyconfig_train_net.py``,
 ``tools/predict.py``, ``tools/benchmark.py``), never an import. The CPU demo's small model
