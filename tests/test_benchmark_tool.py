@@ -26,9 +26,9 @@ def test_compare_both_allocators_and_groups():
                 assert line, (kind, model, mode, out)
                 ms, gflops, _ = map(float, line.groups())
                 assert ms > 0 and gflops > 0 and math.isfinite(ms)
-            for mode in ("keep", "system"):
-                ratio = re.search(rf"{kind} +speed-up ours vs transformers \({mode} allocator\): ([\d.]+)x", out)
-                assert ratio and float(ratio.group(1)) > 0, (kind, mode, out)
+        for mode in ("keep", "system"):
+            ratio = re.search(rf"{kind} +speed-up ours vs transformers \({mode} allocator\): ([\d.]+)x", out)
+            assert ratio and float(ratio.group(1)) > 0, (kind, mode, out)
     groups = re.findall(r"^ +(default|fast_backbone=False): backbone ([\d.]+), encoder ([\d.]+), decoder ([\d.]+), "
                         r"rest (-?[\d.]+), total ([\d.]+)$", out, re.M)
     assert [g[0] for g in groups] == ["default", "fast_backbone=False"], out

@@ -366,12 +366,12 @@ def main():
         # an untimed one of the same function in the same mode
         runs = {(mode, n): fn for mode in allocator_modes for n, fn in fns.items()}
 
-        def before(key):
+        def switch_and_warm(key):
             configure_cpu_allocator(key[0])
-            if len(allocator_modes) > 1:
-                runs[key]()
+            runs[key]()
 
-        times = timed_interleaved(runs, args.iters, args.warmup, device, before)
+        times = timed_interleaved(runs, args.iters, args.warmup, device,
+                                  switch_and_warm if len(allocator_modes) > 1 else None)
         peaks = {}
         for key, fn in runs.items():
             configure_cpu_allocator(key[0])
