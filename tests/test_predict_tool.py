@@ -152,3 +152,25 @@ def test_video_every_frame_drawn(trained, tmp_path):
         run_predict(trained, "--video-input", str(tmp_path / "fake.mp4"))
     with pytest.raises(SystemExit, match="missing.png: no such file"):
         run_predict(trained, "--input", str(tmp_path / "missing.png"))
+
+
+@pytest.mark.parametrize("missing", ["checkpoint", "config"])
+def test_missing_checkpoint_or_config_is_one_line(tmp_path, missing):
+    """A checkpoint or config file that does not exist: exit 1 with one line naming it, no traceback
+    (run as a user runs it: a subprocess of the tool)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    path = tmp_path / ("nowhere.pth" if missing == "checkpoint" else "nowhere.py")
+    config = DEMO_CONFIG if missing == "checkpoint" else str(path)
+    weights = path if missing == "checkpoint" else tmp_path / "also_missing.pth"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "predict.py"), "--config-file", config,
+         "--input", str(tmp_path), f"train.init_checkpoint={weights}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(path) in last and "does not exist" in last, proc.stderr

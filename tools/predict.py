@@ -235,7 +235,10 @@ def main(argv=None):
         configure_cpu_allocator()
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    predictor = Predictor(args.config_file, overrides=args.opts, device=args.device)
+    try:  # a missing config or checkpoint, or no checkpoint given: one line, not a traceback
+        predictor = Predictor(args.config_file, overrides=args.opts, device=args.device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
     metadata = dataset_metadata(predictor.cfg)
     # loading the test dataset gives a custom dataset its class names, and the JSON its ids
     need_records = args.json or (args.input and not metadata.get("thing_classes", None))
