@@ -172,7 +172,11 @@ def test_non_finite_loss_stops_naming_the_iteration_and_the_loss_terms(tmp_path)
     assert message.startswith("training diverged at iteration 2: the loss is not finite")
     assert "loss_giou=inf" in message and "(total inf)" in message
     assert "model_final.pth" not in _pth_files(cfg.train.output_dir)
-    assert _last_checkpoint(cfg.train.output_dir) == "model_0000001.pth"
+    # step 2 started from the checkpoint of iteration 1: it is not trusted (issue 25)
+    assert "renamed (not deleted): model_0000001.pth.suspect" in message
+    assert "--resume starts the run again from train.init_checkpoint" in message
+    assert _pth_files(cfg.train.output_dir) == []
+    assert not os.path.exists(os.path.join(cfg.train.output_dir, "last_checkpoint"))
 
 
 # ------------------------------------------------------------------ resume from a damaged folder

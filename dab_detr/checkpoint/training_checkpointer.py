@@ -7,10 +7,15 @@
   the newest other readable training checkpoint of the folder (a ``.pth`` with an
   ``iteration``) is used instead, and ``last_checkpoint`` is pointed at it. With no readable one
   it stops with an error listing each file and why (it does not silently start again).
+- A checkpoint is trusted only once a finite step has followed it: the checkpoints of the run
+  (those saved, and the one resumed from) are remembered with their iteration, and
+  ``distrust_from(k)`` (called by the trainer when step k+1 diverged) renames those of iteration
+  >= k to ``<name>.suspect`` and points ``last_checkpoint`` at the newest remaining one (or
+  removes ``last_checkpoint`` when none remains, so ``--resume`` starts again).
 """
 import logging
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -44,6 +49,42 @@ class TrainingCheckpointer(DABDETRCheckpointer):
         with atomic_write(save_file, "wb") as f:
             torch.save(data, f)
         self.tag_last_checkpoint(basename)
+        if "iteration" in kwargs:
+            self._remember(int(kwargs["iteration"]), basename)
+
+    # ------------------------------------------------------------------ trust
+    def _remember(self, iteration: int, basename: str) -> None:
+        runs = [(i, b) for i, b in getattr(self, "_run_checkpoints", []) if b != basename]
+        self._run_checkpoints = runs + [(iteration, basename)]
+
+    def distrust_from(self, iteration: int) -> Tuple[List[str], Optional[str]]:
+        """The step after ``iteration`` diverged: the checkpoints of this run (saved, or resumed
+        from) of iteration >= ``iteration`` were not followed by a finite step. Rename them to
+        ``<name>.suspect``, point ``last_checkpoint`` at the newest other one of the run, and
+        return (the renamed files, the checkpoint ``--resume`` uses; None: it starts again)."""
+        runs = getattr(self, "_run_checkpoints", [])
+        suspect = [b for i, b in runs if i >= iteration]
+        trusted = [(i, b) for i, b in runs if i < iteration
+                   and os.path.isfile(os.path.join(self.save_dir, b))]
+        renamed = []
+        for basename in suspect:
+            path = os.path.join(self.save_dir, basename)
+            if os.path.isfile(path):
+                os.replace(path, path + ".suspect")
+                renamed.append(basename + ".suspect")
+        self._run_checkpoints = trusted
+        if trusted:
+            resume_from = max(trusted)[1]
+            self.tag_last_checkpoint(resume_from)
+            return renamed, resume_from
+        tagged = os.path.join(self.save_dir, "last_checkpoint")
+        if self.has_checkpoint():
+            name = open(tagged).read().strip()
+            if name in suspect or not os.path.isfile(os.path.join(self.save_dir, name)):
+                os.remove(tagged)
+                return renamed, None
+            return renamed, name
+        return renamed, None
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         if not self._is_local():
@@ -101,9 +142,11 @@ class TrainingCheckpointer(DABDETRCheckpointer):
             # verified: load() takes the checkpoint already read through the usual path (no second read)
             self._verified = (os.path.abspath(filename), checkpoint)
             try:
-                return self.load(filename)
+                loaded = self.load(filename)
             finally:
                 self._verified = None
+            self._remember(int(checkpoint["iteration"]), os.path.basename(filename))
+            return loaded
         raise CheckpointError(
             f"--resume: no readable training checkpoint in {self.save_dir}:\n  " + "\n  ".join(problems)
             + "\nMove the folder away (or run without --resume) to start the run again.")

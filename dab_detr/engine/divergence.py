@@ -4,7 +4,10 @@
 or the gradient norm is not finite, it raises ``TrainingDivergedError`` naming the iteration, every
 loss term and the parameters whose gradients are not finite. No optimizer step is applied, and since
 the exception leaves the iteration before its ``after_step`` hooks run, no checkpoint of that
-iteration is written: ``last_checkpoint`` keeps pointing at the last good one.
+iteration is written. The checkpoint of the iteration before holds the weights this step started
+from: it is not trusted either. ``LazyConfigTrainer.train`` then renames it (and any later one of the
+run) to ``<name>.suspect`` and points ``last_checkpoint`` at the newest checkpoint that was followed by
+a finite step (``TrainingCheckpointer.distrust_from``); the message says where ``--resume`` continues.
 
 One host-device synchronization per step (a single boolean).
 """
@@ -18,7 +21,11 @@ _MAX_LISTED = 8
 
 
 class TrainingDivergedError(FloatingPointError):
-    """The loss or the gradient of a training step is NaN or infinite."""
+    """The loss or the gradient of a training step is NaN or infinite (``iteration``: the step)."""
+
+    def __init__(self, message: str, iteration: Optional[int] = None):
+        super().__init__(message)
+        self.iteration = iteration
 
 
 def _format_losses(losses: Dict[str, torch.Tensor]) -> str:
@@ -45,8 +52,8 @@ def check_step_is_finite(iteration: int, losses: Dict[str, torch.Tensor],
         return
     what = "the loss" if not torch.isfinite(total) else "the gradient"
     lines = [f"training diverged at iteration {iteration}: {what} is not finite. The optimizer step "
-             f"was not applied and no checkpoint of this iteration is written; --resume continues "
-             f"from the last good checkpoint (consider a lower lr or gradient clipping).",
+             f"was not applied and no checkpoint of this iteration is written (consider a lower lr or "
+             f"gradient clipping).",
              f"  loss terms: {_format_losses(losses)} (total {float(total):.6g})"]
     if check_gradients and len(checks) > 1:
         bad = [n for n, p in named_parameters if not bool(torch.isfinite(p.grad).all())]
@@ -55,4 +62,4 @@ def check_step_is_finite(iteration: int, losses: Dict[str, torch.Tensor],
             more = f" ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
             lines.append(f"  non-finite gradients in {len(bad)} parameters: "
                          f"{', '.join(bad[:_MAX_LISTED])}{more}")
-    raise TrainingDivergedError("\n".join(lines))
+    raise TrainingDivergedError("\n".join(lines), iteration)

@@ -15,10 +15,12 @@ The LazyConfig has the five standard names: ``model``, ``dataloader`` (``train``
 Reliability: the config is checked before anything is built (``dab_detr.config_checks``);
 checkpoints are written atomically and ``--resume`` verifies the one it resumes from
 (``TrainingCheckpointer``); a non-finite loss or gradient stops the run before its update is
-applied (``dab_detr.engine.divergence``); the data loader's position and the random state are part
+applied (``dab_detr.engine.divergence``), and the checkpoint that step started from (with any later
+one) is renamed to ``.suspect``, ``last_checkpoint`` naming the newest one a finite step followed; the data loader's position and the random state are part
 of the checkpoint, so a resumed run continues the same run (``dab_detr.data.resumable_loader``).
 """
 import logging
+import os
 import weakref
 
 import torch
@@ -36,6 +38,7 @@ from ..data.resumable_loader import resumable_loader_from_config
 from .ema import EMAHook, ModelEMA
 from .rng_state import RNGState
 from .preemption import preemption_hooks
+from .divergence import TrainingDivergedError
 from .train_loop import DETRTrainLoop
 
 __all__ = ["LazyConfigTrainer", "resolve_device"]
@@ -136,8 +139,29 @@ class LazyConfigTrainer(DefaultTrainer):
 
     def train(self):
         """Run training; returns the last evaluation results (``DefaultTrainer.train`` reads yacs keys)."""
-        TrainerBase.train(self, self.start_iter, self.max_iter)
+        try:
+            TrainerBase.train(self, self.start_iter, self.max_iter)
+        except TrainingDivergedError as e:
+            if e.iteration is None or not comm.is_main_process():
+                raise
+            raise TrainingDivergedError(f"{e}\n{self._distrust_checkpoints(e.iteration)}", e.iteration) from None
         return getattr(self, "_last_eval_results", {})
+
+    def _distrust_checkpoints(self, diverged_at: int) -> str:
+        """Step ``diverged_at`` was not finite: the checkpoint it started from (iteration
+        ``diverged_at - 1``) and any later one are not trusted (``TrainingCheckpointer.distrust_from``).
+        Returns the line of the message that says so and where ``--resume`` continues."""
+        if not self.checkpointer._is_local():
+            return "  --resume continues from last_checkpoint (not checked: the output folder is not local)"
+        renamed, resume_from = self.checkpointer.distrust_from(diverged_at - 1)
+        line = ""
+        if renamed:
+            line = (f"  checkpoints not followed by a finite step, renamed (not deleted): "
+                    f"{', '.join(renamed)}\n")
+        if resume_from is None:
+            return line + ("  --resume starts the run again from train.init_checkpoint "
+                           "(no checkpoint of the run was followed by a finite step)")
+        return line + f"  --resume continues from {os.path.join(self.checkpointer.save_dir, resume_from)}"
 
     def _evaluate(self):
         self._last_eval_results = self.test(self.cfg, _unwrap(self.model), ema=self.ema)
