@@ -61,7 +61,10 @@ def main(args):
             raise SystemExit("--eval-only needs weights: add train.init_checkpoint=/path/to/model.pth")
         return evaluate(cfg)
     trainer = LazyConfigTrainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
+    try:  # a missing or unfitting train.init_checkpoint: one line naming it
+        trainer.resume_or_load(resume=args.resume)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
     results = trainer.train()
     if comm.is_main_process():
         logger.info("Checkpoints and metrics are in %s", cfg.train.output_dir)

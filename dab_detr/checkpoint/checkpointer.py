@@ -28,6 +28,7 @@ path (``train.init_checkpoint=model.pth?reinit_class_head=True``); the class-log
 shape differs then keep their fresh initialization, everything else must still fit.
 """
 import logging
+import os
 from urllib.parse import parse_qs, urlencode
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -47,6 +48,9 @@ class DABDETRCheckpointer(DetectionCheckpointer):
     """Drop-in replacement of ``DetectionCheckpointer`` (same constructor and ``load``/``save``)."""
 
     def load(self, path, *args, **kwargs):
+        local = str(path).split("?", 1)[0]  # a local file, less the ?reinit_class_head=... query
+        if path and "://" not in str(path) and not os.path.isfile(local):
+            raise CheckpointError(f"checkpoint {local} does not exist")
         self._loading = path
         try:
             return super().load(path, *args, **kwargs)
