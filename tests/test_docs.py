@@ -13,7 +13,8 @@ Checked on README.md, projects/**/*.md and docs/*.md:
 
 The flags are read from each script's source with ``ast`` (its ``add_argument("--...")`` calls;
 for scripts built on Detectron2's ``default_argument_parser``, that function's calls in the
-installed detectron2's source), so no tool is imported or run.
+installed detectron2's source), so no tool is imported or run. A script with subcommands
+(``tools/visualize.py``) accepts the flags of all its subcommands together.
 """
 import ast
 import functools
