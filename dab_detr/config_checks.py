@@ -16,7 +16,6 @@ All errors are ``ConfigError`` (a ValueError); the tools print them without a tr
 """
 import difflib
 import inspect
-import os
 from typing import Iterable, List, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig
@@ -162,7 +161,7 @@ def apply_checked_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictCo
 def load_checked_config(config_file: str, overrides: Sequence[str] = ()) -> DictConfig:
     """Load ``config_file``, apply ``overrides`` with ``apply_checked_overrides``, then
     ``check_config``. Returns the config."""
-    if not os.path.isfile(config_file):
-        raise ConfigError(f"config file {config_file} does not exist")
-    cfg = LazyConfig.load(config_file)
+    from .model_zoo import resolve_config_file  # model_zoo imports ConfigError from here
+
+    cfg = LazyConfig.load(resolve_config_file(config_file))
     return check_config(apply_checked_overrides(cfg, overrides))
