@@ -14,7 +14,7 @@ What is invariant, and to what (read before changing a comparison):
   so a padded image is compared with itself alone on the same canvas (batch independence).
 
 Small random models (d_model 64, 2 + 2 layers, 3 levels) keep the file to seconds on CPU. All
-comparisons are float32 and hold to TOL (observed differences are below 2e-6).
+comparisons are float32 and hold to TOL (observed differences are below 2.5e-6).
 """
 import pytest
 import torch
