@@ -165,12 +165,13 @@ def test_deformable_decoder_ignores_padding_content(two_stage, side):
 def test_two_stage_proposals_of_padded_tokens_ignore_padding_content(side):
     """Every token's proposal feature and box, padded ones included (they compete in the top-k),
     is unchanged by other garbage in the padding under the same mask."""
-    transformer, _ = deformable(True)
+    model = deformable(True)
+    transformer = model[0]
     srcs = random_features()
     results = []
     for seed in (1, 100):
         srcs_p, masks_p = padded(srcs, side, seed=seed)
-        out = run_deformable((transformer, _), srcs_p, masks_p)
+        out = run_deformable(model, srcs_p, masks_p)
         shapes = torch.tensor([m.shape[-2:] for m in masks_p])
         mask_flat = torch.cat([m.flatten(1) for m in masks_p], 1)
         with torch.no_grad():
