@@ -16,13 +16,14 @@ All errors are ``ConfigError`` (a ValueError); the tools print them without a tr
 """
 import difflib
 import inspect
-import os
 from typing import Iterable, List, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig
 
 from detectron2.config import LazyConfig
 from detectron2.utils.registry import locate
+
+from .user_errors import file_problem
 
 __all__ = ["ConfigError", "TRAIN_KEYS", "apply_checked_overrides", "check_config", "load_checked_config"]
 
@@ -162,7 +163,8 @@ def apply_checked_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictCo
 def load_checked_config(config_file: str, overrides: Sequence[str] = ()) -> DictConfig:
     """Load ``config_file``, apply ``overrides`` with ``apply_checked_overrides``, then
     ``check_config``. Returns the config."""
-    if not os.path.isfile(config_file):
-        raise ConfigError(f"config file {config_file} does not exist")
+    problem = file_problem(config_file)
+    if problem:
+        raise ConfigError(f"config file {config_file} {problem}")
     cfg = LazyConfig.load(config_file)
     return check_config(apply_checked_overrides(cfg, overrides))

@@ -269,7 +269,8 @@ def test_pickled_object_that_is_not_allowed_is_refused(original_sd, tmp_path):
     with pytest.raises(UnsafeCheckpointError) as e:
         convert_checkpoint_file(path, None, "original")
     assert "evil.pth" in str(e.value) and "system" in str(e.value) and "not allowed" in str(e.value)
-    assert convert_main(["--source", "original", path, str(tmp_path / "out.pth")]) == 1
+    with pytest.raises(SystemExit, match=r"^error: refusing to load .*evil.pth"):  # exit status 1, one message
+        convert_main(["--source", "original", path, str(tmp_path / "out.pth")])
     assert not (tmp_path / "out.pth").exists()
     # the same for Detectron2's .pkl format (read with a numpy-only unpickler)
     with open(tmp_path / "R-50.pkl", "wb") as f:
