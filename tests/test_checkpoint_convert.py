@@ -287,10 +287,10 @@ def test_argparse_namespace_is_the_allowed_extra(original_sd, tmp_path):
 
 
 def test_unreadable_inputs_are_reported(tmp_path):
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(CheckpointError, match="nope.pth does not exist"):
         convert_checkpoint_file(str(tmp_path / "nope.pth"), None, "original")
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="garbage.pth"):
+    with pytest.raises(CheckpointError, match="garbage.pth is not a readable checkpoint file"):
         convert_checkpoint_file(str(tmp_path / "garbage.pth"), None, "original")
     with pytest.raises(CheckpointError, match="weights under 'model'"):
         convert_checkpoint_file(_save({"state_dict": {}}, tmp_path / "x.pth"), None, "original")
