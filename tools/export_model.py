@@ -21,10 +21,10 @@ import time
 from detectron2.config import instantiate
 
 from dab_detr.checkpoint import DABDETRCheckpointer
-from dab_detr.predictor import load_lazy_config
-from dab_detr.user_errors import exit_on_user_errors
 from dab_detr.export import (DEFAULT_OPSET, FORMATS, ExportMismatchError, MissingExportDependencyError,
                              NotExportableError, OutputPathError, export_detector)
+from dab_detr.predictor import load_lazy_config
+from dab_detr.user_errors import exit_on_user_errors
 
 
 def build_detector(config_file, opts, random_weights):
