@@ -1,5 +1,24 @@
 """dab-detr: DAB-DETR (ICLR 2022) as a Detectron2 plugin project."""
+import os
+import shutil
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildWithModelZoo(build_py):
+    """Copy the repository's ``configs/`` into the built package as ``dab_detr/model_zoo/configs``, so
+    that a wheel finds the model-zoo configs by name (``dab_detr.model_zoo``); a source checkout and an
+    editable install read ``configs/`` itself."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+        target = os.path.join(self.build_lib, "dab_detr", "model_zoo", "configs")
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 setup(
     name="dab-detr",
@@ -10,6 +29,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(include=["dab_detr", "dab_detr.*"]),
+    cmdclass={"build_py": BuildWithModelZoo},
     # detectron2 is not on PyPI: install it first (tools/setup_env.sh shows one route).
     install_requires=[
         "torch>=2.0",

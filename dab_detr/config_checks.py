@@ -23,8 +23,6 @@ from omegaconf import DictConfig, ListConfig
 from detectron2.config import LazyConfig
 from detectron2.utils.registry import locate
 
-from .user_errors import file_problem
-
 __all__ = ["ConfigError", "TRAIN_KEYS", "apply_checked_overrides", "check_config", "load_checked_config"]
 
 # keys of ``train`` that the trainer, Detectron2's default_setup and the hooks read
@@ -163,8 +161,7 @@ def apply_checked_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictCo
 def load_checked_config(config_file: str, overrides: Sequence[str] = ()) -> DictConfig:
     """Load ``config_file``, apply ``overrides`` with ``apply_checked_overrides``, then
     ``check_config``. Returns the config."""
-    problem = file_problem(config_file)
-    if problem:
-        raise ConfigError(f"config file {config_file} {problem}")
-    cfg = LazyConfig.load(config_file)
+    from .model_zoo import resolve_config_file  # model_zoo imports ConfigError from here
+
+    cfg = LazyConfig.load(resolve_config_file(config_file))
     return check_config(apply_checked_overrides(cfg, overrides))

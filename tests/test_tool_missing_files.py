@@ -163,3 +163,11 @@ def test_file_problem_words(tmp_path, monkeypatch):
     assert file_problem(tmp_path / "f") == "cannot be read (permission denied)"
     assert output_problem(tmp_path / "f") == "exists and cannot be written (permission denied)"
     assert output_problem(tmp_path / "g") == f"cannot be written: the folder {tmp_path} is not writable"
+
+
+@pytest.mark.parametrize("tool,prefix", [("analyze_model", "error: "), ("lazyconfig_train_net", "{x}: ")])
+def test_config_that_is_a_folder(monkeypatch, tmp_path, tool, prefix):
+    folder = tmp_path / "configs.py"
+    folder.mkdir()
+    assert run_tool(monkeypatch, tool, "--config-file", folder) == \
+        prefix.format(x=folder) + f"config file {folder} is a directory, not a file"

@@ -161,9 +161,9 @@ def _model_shapes(config_file: str, overrides: List[str]) -> Dict[str, Tuple[int
     meta device: no memory)."""
     from detectron2.config import LazyConfig, instantiate
 
-    from .eval_config import REPO_ROOT
+    from ..model_zoo import get_config_file
 
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(os.path.join(REPO_ROOT, config_file)), overrides)
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(get_config_file(config_file)), overrides)
     with torch.device("meta"):
         model = instantiate(cfg.model)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}

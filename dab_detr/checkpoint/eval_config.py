@@ -1,7 +1,6 @@
 """Which config evaluates a converted checkpoint, and the overrides it needs: everything the
 checkpoint saves (queries, patterns, classes, DC5, image-PE temperature) is compared with what the
 config builds, and every difference becomes a ``key=value`` override of the printed command."""
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
@@ -9,8 +8,6 @@ from typing import Any, Dict, List
 from .layout import Variant
 
 __all__ = ["EvalCommand", "suggest_config", "required_settings", "config_overrides", "eval_command"]
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass
@@ -84,7 +81,9 @@ def config_overrides(config_file: str, settings: Dict[str, Any]) -> List[str]:
     """``key=value`` for every setting whose value differs from what ``config_file`` sets."""
     from detectron2.config import LazyConfig
 
-    cfg = LazyConfig.load(os.path.join(REPO_ROOT, config_file))
+    from ..model_zoo import get_config_file
+
+    cfg = LazyConfig.load(get_config_file(config_file))
     return [f"{key}={_literal(value)}" for key, value in settings.items() if _get(cfg, key) != value]
 
 
