@@ -129,10 +129,13 @@ def test_unreadable_checkpoint(monkeypatch, tmp_path, demo_checkpoint, kind):
     else:
         path.write_bytes(open(demo_checkpoint, "rb").read()[:4096])
     message = run_tool(monkeypatch, "analyze_model", *WITH_CHECKPOINT["analyze_model"](path, tmp_path))
+    not_readable = f"error: checkpoint {path} is not a readable checkpoint file"
     if kind == "directory":
         assert message == f"error: checkpoint {path} is a directory, not a file"
+    elif kind == "text":
+        assert message == f"{not_readable} (it is neither a zip archive nor a pickle, as torch.save writes)"
     else:
-        assert message.startswith(f"error: checkpoint {path} is not a readable checkpoint file ("), message
+        assert message.startswith(f"{not_readable} (damaged: RuntimeError: PytorchStreamReader failed"), message
 
 
 def test_conversion_tool_text_file_and_unwritable_output(monkeypatch, tmp_path, demo_checkpoint):
@@ -140,7 +143,8 @@ def test_conversion_tool_text_file_and_unwritable_output(monkeypatch, tmp_path, 
     text = tmp_path / "notes.pth"
     text.write_text("not weights\n")
     last = run_subprocess("convert_checkpoint", "--source", "original", text, tmp_path / "out.pth")
-    assert last.startswith(f"error: checkpoint {text} is not a readable checkpoint file ("), last
+    assert last == f"error: checkpoint {text} is not a readable checkpoint file (it is neither a zip archive nor a " \
+                   "pickle, as torch.save writes)"
     assert run_tool(monkeypatch, "convert_checkpoint", "--source", "original", demo_checkpoint, tmp_path) == \
         f"error: output {tmp_path} is a directory; give a file name"
 

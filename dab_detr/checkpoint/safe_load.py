@@ -82,10 +82,18 @@ def load_torch_file(path: str) -> Any:
 
 
 def _not_a_checkpoint(path: str, error: Exception) -> CheckpointError:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    reason = next((line for line in lines if "WeightsUnpickler" not in line and "Weights only" not in line), "")
-    reason = reason.split(". ")[0][:160]  # torch's first sentence says what it found
-    detail = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+    """The error for a file torch.load cannot read: another kind of file, or a damaged one."""
+    if isinstance(error, OSError):  # not the content: the file itself could not be read
+        return CheckpointError(f"cannot read checkpoint {path}: {error}")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip (a pickle before torch 1.6)
+        detail = "it is neither a zip archive nor a pickle, as torch.save writes"
+    else:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if "WeightsUnpickler" not in line and "Weights only" not in line), "")
+        reason = reason.split(". ")[0][:160]  # torch's first sentence says what it found
+        detail = f"damaged: {type(error).__name__}: {reason}" if reason else f"damaged: {type(error).__name__}"
     return CheckpointError(f"checkpoint {path} is not a readable checkpoint file ({detail})")
 
 
