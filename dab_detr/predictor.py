@@ -24,6 +24,7 @@ from detectron2.data import detection_utils as utils
 
 from .checkpoint import DABDETRCheckpointer
 from .engine import ModelEMA, resolve_device
+from .user_errors import InputFileError, file_problem
 
 __all__ = ["Predictor", "ImageReadError", "load_lazy_config", "read_image_file"]
 
@@ -39,8 +40,9 @@ class ImageReadError(ValueError):
 def load_lazy_config(config, overrides: Sequence[str] = ()):
     """A LazyConfig from a path (or an already loaded config, copied) with ``key=value`` overrides."""
     if isinstance(config, (str, os.PathLike)):
-        if not os.path.isfile(config):
-            raise FileNotFoundError(f"config file {config} does not exist")
+        problem = file_problem(config)
+        if problem:
+            raise InputFileError(f"config file {config} {problem}")
         cfg = LazyConfig.load(str(config))
     else:
         cfg = config.copy()  # never edit the caller's config
@@ -54,8 +56,9 @@ def read_image_file(path, image_format: str = "RGB") -> np.ndarray:
     Raises ``ImageReadError`` naming the file when it is missing or not a readable image.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ImageReadError(f"image file {path} does not exist")
+    problem = file_problem(path)
+    if problem:
+        raise ImageReadError(f"image file {path} {problem}")
     try:
         return utils.read_image(path, format=image_format)
     except Exception as e:  # PIL.UnidentifiedImageError, truncated files, ...
@@ -106,8 +109,9 @@ class Predictor:
         if not checkpoint:
             raise ValueError("Predictor needs trained weights: pass a checkpoint or set "
                              "train.init_checkpoint=/path/to/model.pth")
-        if "://" not in str(checkpoint) and not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        problem = file_problem(checkpoint) if "://" not in str(checkpoint) else None
+        if problem:
+            raise InputFileError(f"checkpoint {checkpoint} {problem}")
         model = instantiate(cfg.model).to(resolve_device(device))
         extra = DABDETRCheckpointer(model).load(str(checkpoint))
         if cfg.get("train", {}).get("model_ema", {}).get("enabled", False) and "model_ema" in (extra or {}):

@@ -79,5 +79,5 @@ def test_cli_prints_parameters_and_gflops_of_a_config_with_overrides(cli, capsys
 
 
 def test_cli_names_a_missing_config_file(cli):
-    with pytest.raises(SystemExit, match="'configs/no_such_config.py' does not exist"):
+    with pytest.raises(SystemExit, match="^error: config file configs/no_such_config.py does not exist$"):
         cli(["--config-file", "configs/no_such_config.py"])

@@ -44,7 +44,10 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from dab_detr.analysis import analyze_model
+from dab_detr.checkpoint import load_command_line_weights
 from dab_detr.cpu_allocator import configure_cpu_allocator
+from dab_detr.predictor import load_lazy_config
+from dab_detr.user_errors import exit_on_user_errors
 
 GROUPS = ("backbone", "transformer.encoder", "transformer.decoder")
 
@@ -291,7 +294,7 @@ def main():
         torch.set_num_threads(args.threads)
     allocator_modes = ("keep", "system") if args.cpu_allocator == "both" else (args.cpu_allocator,)
     configure_cpu_allocator(allocator_modes[0])
-    cfg = LazyConfig.load(args.config_file)
+    cfg = load_lazy_config(args.config_file)
     if "model" not in cfg:
         sys.exit(f"benchmark: {args.config_file} defines no `model`")
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
@@ -302,6 +305,7 @@ def main():
         cfg.model.fast_backbone = False
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(device)
+    load_command_line_weights(model, args.opts)  # random weights unless train.init_checkpoint=PATH is given
     g = torch.Generator().manual_seed(0)
     inputs = random_inputs(args.batch_size, args.height, args.width, model.num_classes, g)
     if args.amp_dtype:
@@ -432,4 +436,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_errors():  # a missing or unreadable config or checkpoint: one line naming it
+        main()

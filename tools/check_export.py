@@ -23,12 +23,14 @@ import cv2
 import matplotlib
 import numpy as np
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.data import transforms as T
 
 from dab_detr.checkpoint import DABDETRCheckpointer
 from dab_detr.export import (compare_detections, export_detector, load_torch_program, onnx_session,
                              pytorch_detections, run_onnx)
+from dab_detr.predictor import load_lazy_config
+from dab_detr.user_errors import InputFileError, exit_on_user_errors, output_problem
 
 CONFIGS = ["configs/dab_detr_r50.py", "configs/dab_detr_r50_3patterns.py", "configs/dab_detr_r50_dc5.py",
            "configs/dab_deformable_detr_r50.py", "configs/dab_detr_demo.py"]
@@ -78,7 +80,17 @@ def main(argv=None):
     parser.add_argument("--weights", default=None, help="checkpoint to load (default: random weights, seed 0)")
     parser.add_argument("--output-dir", default=None, help="keep the exported files here (default: a temporary directory)")
     args = parser.parse_args(argv)
+    with exit_on_user_errors():  # a missing or unreadable config, checkpoint or output folder: one line naming it
+        return check_all(args)
 
+
+def check_all(args):
+    configs = {config: load_lazy_config(config) for config in args.configs}  # all read before the first export
+    if args.output_dir:
+        problem = output_problem(os.path.join(args.output_dir, "model.onnx"))
+        if problem:
+            raise InputFileError(f"--output-dir {args.output_dir}: a file there {problem}")
+        os.makedirs(args.output_dir, exist_ok=True)
     photos = photographs()
     failures = 0
     limits = []
@@ -87,8 +99,7 @@ def main(argv=None):
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = args.output_dir or tmp
-        for config in args.configs:
-            cfg = LazyConfig.load(config)
+        for config, cfg in configs.items():
             torch.manual_seed(0)
             model = instantiate(cfg.model).eval()
             if args.weights:

@@ -19,15 +19,18 @@ conversion with a list of them; keys a layout drops on purpose are listed with t
 ``--config`` additionally checks the result against the model that config builds.
 """
 import argparse
+import os
 import sys
 
 from dab_detr.checkpoint import LAYOUTS, SOURCES, CheckpointError, convert_checkpoint_file
+from dab_detr.predictor import load_lazy_config
+from dab_detr.user_errors import InputFileError, exit_on_user_errors, file_problem, output_problem
 
 
 def _check_against_config(state_dict, config_file, overrides):
-    from detectron2.config import LazyConfig, instantiate
+    from detectron2.config import instantiate
 
-    model = instantiate(LazyConfig.apply_overrides(LazyConfig.load(config_file), overrides).model)
+    model = instantiate(load_lazy_config(config_file, overrides).model)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(ours) - set(state_dict))
     extra = sorted(set(state_dict) - set(ours))
@@ -36,6 +39,24 @@ def _check_against_config(state_dict, config_file, overrides):
     if missing or extra or wrong:
         raise CheckpointError(f"the converted weights do not fit the model of {config_file} {' '.join(overrides)}: "
                               f"missing {missing}, extra {extra}, shape mismatches {wrong}")
+
+
+def convert(args):
+    """Convert ``args.input``, check it against ``args.config`` if given, write ``args.output``."""
+    problem = output_problem(args.output)
+    if problem:  # before the conversion, not after it
+        raise InputFileError(f"output {args.output} {problem}")
+    problem = args.config and file_problem(args.config)
+    if problem:
+        raise InputFileError(f"config file {args.config} {problem}")
+    result = convert_checkpoint_file(args.input, None, args.source)
+    if args.config:
+        _check_against_config(result.state_dict, args.config, result.overrides)
+    import torch
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    torch.save(result.checkpoint(args.input), args.output)
+    return result
 
 
 def main(argv=None) -> int:
@@ -47,16 +68,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="optionally check the result against the model this LazyConfig builds "
                                          "(with the overrides the converter finds)")
     args = parser.parse_args(argv)
-    try:
-        result = convert_checkpoint_file(args.input, None, args.source)
-        if args.config:
-            _check_against_config(result.state_dict, args.config, result.overrides)
-        import torch
-
-        torch.save(result.checkpoint(args.input), args.output)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    with exit_on_user_errors():  # a missing or unreadable input, config or output: one line naming it
+        result = convert(args)
     v = result.variant
     print(f"converted {len(result.state_dict)} tensors from {args.input} ({args.source} layout) to {args.output}")
     for note in result.notes:

@@ -18,16 +18,18 @@ import logging
 import sys
 import time
 
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 
 from dab_detr.checkpoint import DABDETRCheckpointer
 from dab_detr.export import (DEFAULT_OPSET, FORMATS, ExportMismatchError, MissingExportDependencyError,
                              NotExportableError, OutputPathError, export_detector)
+from dab_detr.predictor import load_lazy_config
+from dab_detr.user_errors import exit_on_user_errors
 
 
 def build_detector(config_file, opts, random_weights):
     """The config's model on CPU in eval mode, with ``train.init_checkpoint`` loaded unless ``random_weights``."""
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), opts)
+    cfg = load_lazy_config(config_file, opts)
     model = instantiate(cfg.model).eval()
     if not random_weights:
         weights = cfg.train.get("init_checkpoint", "")
@@ -53,13 +55,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    model = build_detector(args.config_file, args.opts, args.random_weights)
+    with exit_on_user_errors():  # a missing or unreadable config or checkpoint: one line naming it
+        model = build_detector(args.config_file, args.opts, args.random_weights)
     start = time.perf_counter()
     try:
         report = export_detector(model, args.format, args.output, sample_size=tuple(args.sample_size),
                                  check_size=tuple(args.check_size) if args.check_size else None, opset=args.opset)
     except (NotExportableError, OutputPathError, MissingExportDependencyError, ExportMismatchError) as e:
-        print(f"export_model: {args.config_file}: {e}", file=sys.stderr)
+        print(f"error: {args.config_file}: {e}", file=sys.stderr)
         return 1
     print(report)
     print(f"input format {model.input_format}; export and checks took {time.perf_counter() - start:.1f} s")

@@ -35,7 +35,8 @@ import numpy as np  # noqa: E402
 
 from dab_detr.decoder_inspection import decoder_layer_boxes, learned_anchors, positional_attention  # noqa: E402
 from dab_detr.drawing import dataset_metadata  # noqa: E402
-from dab_detr.predictor import ImageReadError, Predictor, read_image_file  # noqa: E402
+from dab_detr.predictor import Predictor, read_image_file  # noqa: E402
+from dab_detr.user_errors import InputFileError, exit_on_user_errors, file_problem, output_problem  # noqa: E402
 
 LAST_LAYER_LOSSES = ("loss_class", "loss_bbox", "loss_giou")
 _OVERRIDE = re.compile(r"[A-Za-z_][\w.\[\]]*=.*")
@@ -52,13 +53,6 @@ def _save(fig, path):
     plt.close(fig)
     print(f"wrote {path}")
     return path
-
-
-def _read_image(path):
-    try:
-        return read_image_file(path, "RGB")
-    except ImageReadError as e:
-        raise SystemExit(str(e))
 
 
 def plot_anchors(predictor, output, num_boxes=40, seed=0):
@@ -84,7 +78,7 @@ def plot_anchors(predictor, output, num_boxes=40, seed=0):
 
 def plot_layers(predictor, image_path, output, top_k=3):
     """Figure 11: per detection, the anchor (dashed) and the box after each decoder layer."""
-    image = _read_image(image_path)  # RGB, for drawing; the model reads the file itself (its own format)
+    image = read_image_file(image_path, "RGB")  # RGB, for drawing; the model reads the file itself (its own format)
     result = decoder_layer_boxes(predictor, image_path, top_k=top_k, queries=None)
     metadata = dataset_metadata(predictor.cfg)
     num_layers, count = result["boxes"].shape[:2]
@@ -108,7 +102,7 @@ def plot_layers(predictor, image_path, output, top_k=3):
 
 def plot_attention(predictor, image_path, output, layer=-1, queries=None, top_k=3, temperature=None, head=None):
     """Figures 4, 6, 7: positional attention maps with the modulation on (left) and off (right)."""
-    image = _read_image(image_path)  # RGB, for drawing; the model reads the file itself (its own format)
+    image = read_image_file(image_path, "RGB")  # RGB, for drawing; the model reads the file itself (its own format)
     on = positional_attention(predictor, image_path, layer=layer, queries=queries, top_k=top_k,
                               modulation=True, temperature=temperature)
     off = positional_attention(predictor, image_path, layer=layer, queries=on["queries"].tolist(),
@@ -139,8 +133,9 @@ def plot_attention(predictor, image_path, output, layer=-1, queries=None, top_k=
 
 def read_metrics(path):
     """Detectron2's metrics.json (one JSON object per line) -> list of dicts, by iteration."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such metrics file")
+    problem = file_problem(path)
+    if problem:
+        raise InputFileError(f"metrics file {path} {problem}")
     rows = []
     with open(path) as f:
         for number, line in enumerate(f, 1):
@@ -221,8 +216,18 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    with exit_on_user_errors():  # a missing or unreadable file: one line naming it, exit status 1
+        return run(args)
+
+
+def run(args):
+    problem = output_problem(args.output)
+    if problem:
+        raise InputFileError(f"--output {args.output} {problem}")
     if args.command == "curves":
         return plot_curves(args.metrics, args.output)
+    if args.command in ("layers", "attention"):
+        read_image_file(args.image)  # a missing or unreadable image stops the tool before the model is built
     predictor = Predictor(args.config_file, overrides=args.opts, device=args.device)
     if args.command == "anchors":
         return plot_anchors(predictor, args.output, num_boxes=args.num_boxes)

@@ -28,11 +28,12 @@ path (``train.init_checkpoint=model.pth?reinit_class_head=True``); the class-log
 shape differs then keep their fresh initialization, everything else must still fit.
 """
 import logging
-import os
+from typing import Optional
 from urllib.parse import parse_qs, urlencode
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..user_errors import file_problem
 from .backbone_names import convert_torchvision_resnet, is_torchvision_resnet_state_dict
 from .convert import detect_layout
 from .deformable_convert import detect_deformable_source
@@ -41,7 +42,7 @@ from .safe_load import CheckpointError, load_pickle_file, load_torch_file
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DABDETRCheckpointer"]
+__all__ = ["DABDETRCheckpointer", "load_command_line_weights"]
 
 
 class DABDETRCheckpointer(DetectionCheckpointer):
@@ -49,8 +50,9 @@ class DABDETRCheckpointer(DetectionCheckpointer):
 
     def load(self, path, *args, **kwargs):
         local = str(path).split("?", 1)[0]  # a local file, less the ?reinit_class_head=... query
-        if path and "://" not in str(path) and not os.path.isfile(local):
-            raise CheckpointError(f"checkpoint {local} does not exist")
+        problem = file_problem(local) if path and "://" not in str(path) else None
+        if problem:
+            raise CheckpointError(f"checkpoint {local} {problem}")
         self._loading = path
         try:
             return super().load(path, *args, **kwargs)
@@ -128,3 +130,16 @@ class DABDETRCheckpointer(DetectionCheckpointer):
         if report:
             raise CheckpointError(explain_misfit(report, weights, model_state, getattr(self, "_loading", None) or "<checkpoint>",
                                                  type(self.model).__name__))
+
+
+def load_command_line_weights(model, overrides) -> Optional[str]:
+    """Load the weights that a ``train.init_checkpoint=PATH`` override among ``overrides`` names, if
+    one does, into ``model`` (``DABDETRCheckpointer``); return PATH or None. For the tools whose
+    numbers do not depend on the weights (FLOPs, timings): a checkpoint named on their command line
+    is still loaded, so a missing or misfitting one is an error, while the config's own
+    ``train.init_checkpoint`` (often ImageNet backbone weights behind a URL) is not fetched."""
+    named = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].strip() == "train.init_checkpoint"]
+    if not named or not named[-1]:
+        return None
+    DABDETRCheckpointer(model).load(named[-1])
+    return named[-1]

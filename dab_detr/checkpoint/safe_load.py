@@ -14,7 +14,6 @@ Anything else raises ``UnsafeCheckpointError`` naming the file and the refused t
 """
 import argparse
 import io
-import os
 import pickle
 import re
 from collections import OrderedDict
@@ -22,6 +21,8 @@ from typing import Any, Dict
 
 import numpy as np
 import torch
+
+from ..user_errors import file_problem
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct as _np_reconstruct, scalar as _np_scalar
@@ -57,8 +58,9 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
     Returns what the file holds (usually a dict). Raises ``CheckpointError`` if the file does not
     exist or cannot be parsed, ``UnsafeCheckpointError`` if it names a refused type.
     """
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file not found: {path}")
+    problem = file_problem(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} {problem}")
     if path.endswith(".safetensors"):
         return load_safetensors_file(path)
     if path.endswith(".pkl"):
@@ -72,9 +74,27 @@ def load_torch_file(path: str) -> Any:
         with torch.serialization.safe_globals(ALLOWED_TORCH_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(_refusal_message(path, str(e))) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+        if "GLOBAL" in str(e):  # a pickled type torch refused, not a damaged file
+            raise UnsafeCheckpointError(_refusal_message(path, str(e))) from None
+        raise _not_a_checkpoint(path, e) from None
+    except Exception as e:  # a file of another kind, or truncated: anything from KeyError to RuntimeError
+        raise _not_a_checkpoint(path, e) from None
+
+
+def _not_a_checkpoint(path: str, error: Exception) -> CheckpointError:
+    """The error for a file torch.load cannot read: another kind of file, or a damaged one."""
+    if isinstance(error, OSError):  # not the content: the file itself could not be read
+        return CheckpointError(f"cannot read checkpoint {path}: {error}")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip (a pickle before torch 1.6)
+        detail = "it is neither a zip archive nor a pickle, as torch.save writes"
+    else:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if "WeightsUnpickler" not in line and "Weights only" not in line), "")
+        reason = reason.split(". ")[0][:160]  # torch's first sentence says what it found
+        detail = f"damaged: {type(error).__name__}: {reason}" if reason else f"damaged: {type(error).__name__}"
+    return CheckpointError(f"checkpoint {path} is not a readable checkpoint file ({detail})")
 
 
 def _refusal_message(path: str, torch_message: str) -> str:
@@ -95,8 +115,9 @@ def load_safetensors_file(path: str) -> Dict[str, torch.Tensor]:
 
     try:
         return load_file(path, device="cpu")
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+    except Exception as e:  # SafetensorError, OSError, or a header that is not JSON
+        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

@@ -9,6 +9,7 @@ import os
 from typing import List
 
 from ..config_checks import ConfigError
+from ..user_errors import file_problem
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +49,14 @@ def get_config_file(config_path: str) -> str:
 def resolve_config_file(config_file: str) -> str:
     """``config_file`` when it exists; else, when it names a model-zoo config (``configs/X.py`` as
     the documentation writes it, run from outside the repository), that config's path, logged.
-    Raises ``ConfigError`` naming ``config_file`` when it is neither."""
-    if os.path.isfile(config_file):
+    Raises ``ConfigError`` naming ``config_file`` and what is wrong with it when it is neither (it
+    does not exist, is a folder, cannot be read)."""
+    problem = file_problem(config_file)
+    if problem is None:
         return config_file
     relative = _relative(config_file)
-    if not os.path.isabs(config_file) and os.path.dirname(relative) in ("", "common", "common/models"):
+    if not os.path.exists(config_file) and not os.path.isabs(config_file) and \
+            os.path.dirname(relative) in ("", "common", "common/models"):
         try:
             path = get_config_file(relative)
         except ConfigError:
@@ -60,7 +64,7 @@ def resolve_config_file(config_file: str) -> str:
         if path is not None:
             logger.info("config %s is not in %s: using the model-zoo config %s", config_file, os.getcwd(), path)
             return path
-    raise ConfigError(f"config file {config_file} does not exist")
+    raise ConfigError(f"config file {config_file} {problem}")
 
 
 def get_config(config_path: str):
