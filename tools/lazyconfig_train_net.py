@@ -49,7 +49,8 @@ def main(args):
     try:  # unknown keys / arguments: a message naming them and the nearest ones, no traceback
         cfg = load_checked_config(args.config_file, args.opts)
     except ConfigError as e:
-        raise SystemExit(f"{args.config_file}: {e}")
+        message = str(e) if args.config_file in str(e) else f"{args.config_file}: {e}"
+        raise SystemExit(f"error: {message}") from None
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="dab_detr")
     try:  # in every process: freed CPU memory kept for reuse (dab_detr/cpu_allocator.py)

@@ -80,7 +80,7 @@ def expand_inputs(items):
         elif os.path.isfile(item):
             found.append((item, True))
         else:
-            raise SystemExit(f"--input {item}: no such file or folder")
+            raise SystemExit(f"error: --input {item} does not exist (neither a file nor a folder)")
     return found
 
 
