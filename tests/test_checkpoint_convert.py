@@ -17,8 +17,9 @@ from reference_models import (COCO_IDS, original_checkpoint, original_to_detrex,
                               random_detrex_checkpoint, random_original_state_dict)
 from safetensors.torch import save_file
 
+from dab_detr.checkpoint import convert as convert_module
 from dab_detr.checkpoint import (CheckpointError, DABDETRCheckpointer, UnsafeCheckpointError, Variant,
-                                 convert_checkpoint_file, convert_state_dict, dabdetr_shapes)
+                                 convert_checkpoint_file, convert_state_dict, dabdetr_shapes, load_checkpoint_file)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,6 +35,17 @@ def original_sd():
 def _save(obj, path):
     torch.save(obj, path)
     return str(path)
+
+
+def _convert_from_memory(monkeypatch, obj, path, source):
+    """``convert_checkpoint_file`` as if ``path`` held ``obj``: every step but the file read (whose
+    full-size round trip per layout is test_parity_hf.py's and test_checkpoint_detrex.py's)."""
+    def read_in_memory(p):
+        assert p == str(path)
+        return obj
+
+    monkeypatch.setattr(convert_module, "load_checkpoint_file", read_in_memory)
+    return convert_checkpoint_file(str(path), None, source)
 
 
 def _model_shapes(cfg):
@@ -124,26 +136,28 @@ def test_original_checkpoint_converts_with_cli(original_sd, tmp_path, capsys):
     ({"dilation": True, "num_patterns": 3}, "checkpoint.pth", "configs/dab_detr_r50_dc5_3patterns.py"),
     (None, "DAB_DETR_R50_DC5_checkpoint.pth", "configs/dab_detr_r50_dc5.py"),  # no args: file name
 ])
-def test_config_suggestion(args, file_name, config, tmp_path):
+def test_config_suggestion(args, file_name, config, tmp_path, monkeypatch):
     sd = random_original_state_dict(num_patterns=(args or {}).get("num_patterns", 0), seed=1)
     ckpt = original_checkpoint(sd, **(args or {}))
     if args is None:
         del ckpt["args"]
-    result = convert_checkpoint_file(_save(ckpt, tmp_path / file_name), None, "original")
+    result = _convert_from_memory(monkeypatch, ckpt, tmp_path / file_name, "original")
     assert result.config == config
 
 
-def test_hf_safetensors_with_and_without_tied_copy(original_sd, tmp_path):
+def test_hf_safetensors_with_and_without_tied_copy(original_sd, tmp_path, monkeypatch):
     reference = convert_state_dict(original_sd, "original").state_dict
     hf = original_to_hf(original_sd)
     # as DabDetrForObjectDetection.state_dict() (tied copy included) and as save_pretrained (without)
     without_copy = {k: v for k, v in hf.items() if not k.startswith("model.decoder.bbox_embed.")}
-    for i, weights in enumerate((hf, without_copy)):
-        folder = tmp_path / f"hub{i}"
-        folder.mkdir()
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text('{"dilation": true, "temperature_height": 10, "temperature_width": 10}')
-        result = convert_checkpoint_file(str(folder / "model.safetensors"), None, "hf")
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"dilation": true, "temperature_height": 10, "temperature_width": 10}')
+    # one real file (test_parity_hf.py reads save_pretrained's file too), the other in memory
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(folder / "model.safetensors"))
+    results = [convert_checkpoint_file(str(folder / "model.safetensors"), None, "hf"),
+               _convert_from_memory(monkeypatch, without_copy, folder / "model.safetensors", "hf")]
+    for result in results:
         assert result.config == "configs/dab_detr_r50_dc5.py"  # read from config.json
         assert result.state_dict.keys() == reference.keys()
         assert all(torch.equal(result.state_dict[k], reference[k]) for k in reference)
@@ -151,18 +165,18 @@ def test_hf_safetensors_with_and_without_tied_copy(original_sd, tmp_path):
     old = {k.replace(".self_attn.self_attn", ".layer.0.self_attn").replace(".cross_attn.cross_attn", ".layer.1.cross_attn")
             .replace(".mlp.", ".layer.2."): v for k, v in without_copy.items()}
     assert any(".layer.1.cross_attn_query_pos_sine_proj" in k for k in old)
-    result = convert_checkpoint_file(_save(old, tmp_path / "pytorch_model.bin"), None, "hf")
+    result = _convert_from_memory(monkeypatch, old, tmp_path / "pytorch_model.bin", "hf")
     assert all(torch.equal(result.state_dict[k], reference[k]) for k in reference)
 
 
-def test_detrex_layout_converts_to_the_same_weights(original_sd, tmp_path):
+def test_detrex_layout_converts_to_the_same_weights(original_sd, tmp_path, monkeypatch):
     reference = convert_state_dict(original_sd, "original").state_dict
     for dc5, name, config in ((False, "dab_detr_r50_50ep.pth", "configs/dab_detr_r50.py"),
                               (True, "converted_dab_detr_r50_dc5.pth", "configs/dab_detr_r50_dc5.py")):
         detrex = original_to_detrex(original_sd, dc5=dc5)  # detrex's real names (checked against its key list)
         assert ("anchor_box_embed.weight" in detrex) and (any(k.startswith("backbone.body.") for k in detrex) == dc5)
         ckpt = {"model": detrex, "trainer": {"iteration": 10}, "iteration": 10}
-        result = convert_checkpoint_file(_save(ckpt, tmp_path / name), None, "detrex")
+        result = _convert_from_memory(monkeypatch, ckpt, tmp_path / name, "detrex")  # files: test_checkpoint_detrex
         assert result.config == config and result.variant.dilation == dc5
         assert result.state_dict.keys() == reference.keys()
         assert all(torch.equal(result.state_dict[k], reference[k]) for k in reference)
@@ -262,14 +276,16 @@ class _NotAllowed:
         return (os.system, ("echo this must never run",))
 
 
-def test_pickled_object_that_is_not_allowed_is_refused(original_sd, tmp_path):
-    ckpt = original_checkpoint(original_sd)
+def test_pickled_object_that_is_not_allowed_is_refused(tmp_path, capsys):
+    # the refusal happens while unpickling, before any weight is read: a few-KB file carries it
+    ckpt = original_checkpoint({"input_proj.weight": torch.zeros(4, 2, 1, 1)})
     ckpt["args"] = _NotAllowed()
     path = _save(ckpt, tmp_path / "evil.pth")
     with pytest.raises(UnsafeCheckpointError) as e:
         convert_checkpoint_file(path, None, "original")
     assert "evil.pth" in str(e.value) and "system" in str(e.value) and "not allowed" in str(e.value)
-    with pytest.raises(SystemExit, match=r"^error: refusing to load .*evil.pth"):  # exit status 1, one message
+    # the tool fails for that reason (not for the missing weights, which it never reached): one message, exit 1
+    with pytest.raises(SystemExit, match=r"^error: refusing to load .*evil.pth.*not allowed"):
         convert_main(["--source", "original", path, str(tmp_path / "out.pth")])
     assert not (tmp_path / "out.pth").exists()
     # the same for Detectron2's .pkl format (read with a numpy-only unpickler)
@@ -280,10 +296,14 @@ def test_pickled_object_that_is_not_allowed_is_refused(original_sd, tmp_path):
         DABDETRCheckpointer(model).load(str(tmp_path / "R-50.pkl"))
 
 
-def test_argparse_namespace_is_the_allowed_extra(original_sd, tmp_path):
-    ckpt = original_checkpoint(original_sd)
+def test_argparse_namespace_is_the_allowed_extra(tmp_path):
+    # a few-KB file: what is checked is that the safe reader gives the Namespace back, intact (the
+    # full-size files with their Namespace are converted by the tests above)
+    ckpt = original_checkpoint({"input_proj.weight": torch.zeros(4, 2, 1, 1)}, dilation=True, num_patterns=3)
     assert isinstance(ckpt["args"], argparse.Namespace)
-    assert convert_checkpoint_file(_save(ckpt, tmp_path / "ok.pth"), None, "original").variant.backbone == "R50"
+    loaded = load_checkpoint_file(_save(ckpt, tmp_path / "ok.pth"))
+    assert isinstance(loaded["args"], argparse.Namespace) and vars(loaded["args"]) == vars(ckpt["args"])
+    assert torch.equal(loaded["model"]["input_proj.weight"], ckpt["model"]["input_proj.weight"])
 
 
 def test_unreadable_inputs_are_reported(tmp_path):

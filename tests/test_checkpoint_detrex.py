@@ -5,7 +5,8 @@ LazyConfigs at e244e6c, i.e. of its released files), random values.
 Each checkpoint is converted with ``tools/convert_checkpoint.py``, which must print the matching
 config; the converted file is loaded into the model that config (plus the printed overrides)
 builds, and every decoder layer's logits and boxes must match an independent computation within
-1e-4 relative error. The reference is transformers' ``DabDetrForObjectDetection`` (configured as
+1e-4 relative error (for R50, R50-3patterns and R50-DC5, whose detrex files test_parity_hf.py
+checks that way: the file must be, name for name and tensor for tensor, the one checked there). The reference is transformers' ``DabDetrForObjectDetection`` (configured as
 the original, inverse-sigmoid eps 1e-3, 80 classes) loaded through the test's own detrex ->
 original -> transformers renaming (reference_models.py), on two real photographs batched with
 padding; for Swin-T its backbone is Detectron2's SwinTransformer (what detrex's config builds),
@@ -18,15 +19,19 @@ import torch
 from conftest import REPO, load_tool
 from detectron2.config import LazyConfig, instantiate
 from reference_models import (DETREX_MODELS, detrex_to_original, hf_per_layer, hf_reference, original_shapes,
-                              original_to_hf, padded_photo_batch, random_detrex_checkpoint, read_key_list)
+                              original_to_detrex, original_to_hf, padded_photo_batch, random_detrex_checkpoint,
+                              read_key_list)
 
-from dab_detr.checkpoint import DABDETRCheckpointer
+from dab_detr.checkpoint import DABDETRCheckpointer, convert_state_dict
 
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
 convert_main = load_tool("convert_checkpoint").main
 RTOL = 1e-4
+# test_parity_hf.py checks these three variants' detrex layout numerically at full size (and
+# their original and transformers layouts); here they are checked to be those files, exactly
+NUMERICALLY_CHECKED_IN_PARITY_HF = {"R50", "R50-3patterns", "R50-DC5"}
 # detrex model -> the config the converter must print, and that config's image-PE temperature;
 # detrex's plain DC5 file is the converted original R50-DC5, trained with temperature 10
 EXPECTED = {
@@ -48,6 +53,22 @@ def batch():
 
 def _relative_error(ours, ref):
     return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def _assert_is_the_file_test_parity_hf_checks(detrex, converted, dc5):
+    """The released detrex names are exactly those of the detrex files that test_parity_hf.py
+    converts and checks layer by layer against the reference (``original_to_detrex``, for the
+    same variant), and this file converts to exactly the tensors that the original layout of the
+    same weights converts to; the conversion renames and reorders, whatever the values, so the
+    numerical check there covers this file."""
+    original = detrex_to_original(detrex)
+    renamed = original_to_detrex(original, dc5=dc5)
+    assert renamed.keys() == detrex.keys()
+    assert all(torch.equal(renamed[k], v) for k, v in detrex.items())
+    expected = convert_state_dict(original, "original").state_dict
+    assert converted.keys() == expected.keys()
+    differ = [k for k, v in expected.items() if not torch.equal(converted[k], v)]
+    assert not differ, differ[:5]
 
 
 def test_key_lists_are_detrex_released_files():
@@ -79,6 +100,13 @@ def test_detrex_checkpoint_converts_and_matches_reference(model, batch, original
     overrides = printed.split(command, 1)[1].split("\n", 1)[0].split()
     assert overrides == []
 
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(os.path.join(REPO, config)), overrides)
+    ours = instantiate(cfg.model).eval()
+    DABDETRCheckpointer(ours).load(str(out))  # strict: any missing/unexpected/mis-shaped key raises
+    if model in NUMERICALLY_CHECKED_IN_PARITY_HF:
+        _assert_is_the_file_test_parity_hf_checks(detrex, torch.load(out, weights_only=True)["model"], dc5)
+        return
+
     x, padding = batch
     with torch.no_grad():
         reference = hf_reference(num_patterns=num_patterns, dilation=dc5, temperature=temperature, num_labels=80,
@@ -88,9 +116,6 @@ def test_detrex_checkpoint_converts_and_matches_reference(model, batch, original
     assert (ref_boxes[0] - ref_boxes[-1]).abs().max() > 1e-2  # the layers differ: each is a real check
     del reference
 
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(os.path.join(REPO, config)), overrides)
-    ours = instantiate(cfg.model).eval()
-    DABDETRCheckpointer(ours).load(str(out))  # strict: any missing/unexpected/mis-shaped key raises
     with torch.no_grad():
         pred = ours.predict(x, padding)
     layers = pred["aux_outputs"] + [pred]

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from conditioning import FinitenessProbe, assert_finite_gradients, calibrate_frozen_batchnorm
 from conftest import MODEL_CONFIG, make_inputs, small_model_config
 from detectron2.config import LazyConfig, get_cfg, instantiate
 from detectron2.layers import ShapeSpec
@@ -16,11 +17,15 @@ from dab_detr.modeling import DABDETR, PositionEmbeddingSine, anchor_sine_embedd
 
 
 def _train_step(model, inputs):
+    """One training forward and backward; every activation and gradient must be finite (the
+    message names the first tensor that is not)."""
     model.train()
-    with EventStorage() as storage:
+    with EventStorage() as storage, FinitenessProbe(model) as probe:
         losses = model(inputs)
+        probe.assert_finite_forward()
         total = sum(losses.values())
         total.backward()
+    assert_finite_gradients(model, probe)
     return losses, storage
 
 
@@ -110,6 +115,7 @@ def test_full_r50_trains_and_evaluates_on_odd_sized_images():
     model = instantiate(LazyConfig.load(MODEL_CONFIG).model)
     inputs = make_inputs([(123, 157), (97, 141)], num_classes=80)
     inputs[1]["instances"] = inputs[1]["instances"][:0]  # an image with no annotations
+    calibrate_frozen_batchnorm(model, inputs)  # a random frozen-BN ResNet does not normalize
     losses, _ = _train_step(model, inputs)
     assert len(losses) == 18 and all(torch.isfinite(v) for v in losses.values())
     model.eval()

@@ -1,6 +1,7 @@
 """Every DAB-Deformable-DETR config instantiates, trains a step and evaluates on CPU."""
 import pytest
 import torch
+from conditioning import FinitenessProbe, assert_finite_gradients, calibrate_frozen_batchnorm
 
 from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances
@@ -26,14 +27,19 @@ def test_config_trains_a_step_and_evaluates(path):
     assert model.transformer.two_stage == path.endswith("two_stage.py")
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
+    calibrate_frozen_batchnorm(model, _inputs())  # a random frozen-BN ResNet does not normalize
     model.train()
-    losses = model(_inputs())
-    assert ("loss_class_enc" in losses) == model.transformer.two_stage
-    total = sum(losses.values())
-    optimizer.zero_grad()
-    total.backward()
+    with FinitenessProbe(model) as probe:
+        losses = model(_inputs())
+        probe.assert_finite_forward()
+        assert ("loss_class_enc" in losses) == model.transformer.two_stage
+        total = sum(losses.values())
+        optimizer.zero_grad()
+        total.backward()
+    assert_finite_gradients(model, probe)
     optimizer.step()
     assert torch.isfinite(total)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
     model.eval()
     with torch.no_grad():
         results = model([{"image": _inputs()[0]["image"]}])

@@ -6,7 +6,9 @@ test's own original -> transformers renaming). The same checkpoint, written in t
 transformers and detrex layouts, is converted with ``tools/convert_checkpoint.py``'s code and
 loaded into our model with ``DABDETRCheckpointer``. Every decoder layer's class logits (the 80
 COCO rows of the reference's 91) and boxes must agree to 1e-4 relative error, on two real
-photographs of different sizes batched together (so padding masks are exercised too).
+photographs of different sizes batched together (so padding masks are exercised too). The three
+layouts must convert to bit-identical tensors, which the model holds exactly after each load, so one
+forward of the model checks the three layouts.
 
 One deliberate change to the reference: transformers clamps ``inverse_sigmoid`` at 1e-5, the
 original at 1e-3 (SPEC section 4); the reference is run with the original's 1e-3.
@@ -91,19 +93,28 @@ def test_per_layer_outputs_match_reference_for_every_layout(variant, batch, orig
 
     model = _our_model(num_patterns, dc5, temperature)
     expected_keys = set(model.state_dict())
+    converted = {}
     for layout in ("original", "hf", "detrex"):
         src = _write_layout(layout, sd, hf_model, tmp_path / layout, num_patterns, dc5, temperature)
         out = str(tmp_path / f"{layout}_converted.pth")
         result = convert_checkpoint_file(src, out, layout)
         assert result.config == config, layout
-        converted = torch.load(out, weights_only=True)["model"]
-        assert set(converted) == expected_keys, layout  # nothing missing, nothing unexpected
+        converted[layout] = torch.load(out, weights_only=True)["model"]
+        assert set(converted[layout]) == expected_keys, layout  # nothing missing, nothing unexpected
         for p in model.parameters():  # make sure the load below is what sets the weights
             p.data.fill_(0.5)
         DABDETRCheckpointer(model).load(out)
-        with torch.no_grad():
-            logits, boxes = _our_per_layer(model, x, padding)
-        for layer in range(6):
-            err_logits = _relative_error(logits[layer], ref_logits[layer])
-            err_boxes = _relative_error(boxes[layer], ref_boxes[layer])
-            assert err_logits < RTOL and err_boxes < RTOL, (variant, layout, layer, err_logits, err_boxes)
+        # the loaded model holds exactly the converted tensors (its forward is a function of them)
+        loaded = model.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in converted[layout].items()), layout
+    # the three layouts convert to the very same tensors, so the model that last loaded one of them
+    # is, bit for bit, the model each of them loads: one forward checks all three
+    for layout in ("hf", "detrex"):
+        differ = [k for k, v in converted["original"].items() if not torch.equal(converted[layout][k], v)]
+        assert not differ, (layout, differ[:5])
+    with torch.no_grad():
+        logits, boxes = _our_per_layer(model, x, padding)
+    for layer in range(6):
+        err_logits = _relative_error(logits[layer], ref_logits[layer])
+        err_boxes = _relative_error(boxes[layer], ref_boxes[layer])
+        assert err_logits < RTOL and err_boxes < RTOL, (variant, layer, err_logits, err_boxes)

@@ -5,10 +5,10 @@ small odd-sized images on CPU; parameter counts are checked against the paper's 
 """
 import pytest
 import torch
+from conditioning import EncoderConditioning, FinitenessProbe, assert_finite_gradients, calibrate_frozen_batchnorm
 from conftest import make_inputs
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
-from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling.backbone import SwinTransformer as D2SwinTransformer
 from detectron2.modeling.backbone import ViT
 from detectron2.utils.events import EventStorage
@@ -39,33 +39,23 @@ def _load(name):
     return LazyConfig.load(f"configs/{name}.py")
 
 
-def _set_frozen_bn_statistics(model, inputs):
-    """Give every FrozenBatchNorm2d the mean and variance of its input on ``inputs``.
-
-    A randomly initialized ResNet with frozen batch norm does not normalize at all: through the
-    33 blocks of R101-DC5 the C5 features reach ~1e5 and the encoder's attention gradients
-    overflow to NaN. Pretrained backbones (every config starts from ImageNet weights) carry
-    statistics that keep activations of order 1; this stands in for them.
-    """
-    def set_statistics(module, args):
-        module.running_mean.copy_(args[0].mean((0, 2, 3)))
-        module.running_var.copy_(args[0].var((0, 2, 3)))
-
-    hooks = [m.register_forward_pre_hook(set_statistics) for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
-    model.eval()
-    with torch.no_grad():
-        model(inputs)
-    for hook in hooks:
-        hook.remove()
-
-
 def _train_step_and_eval(model, num_classes=80):
+    """One training step and one evaluation, the backbone's frozen BN calibrated on the inputs
+    first (``conditioning``: a random ResNet with frozen BN does not normalize); asserts that the
+    encoder is well-conditioned, and that every activation and gradient is finite, naming the first
+    tensor that is not."""
     inputs = make_inputs(SIZES, num_classes=num_classes)
-    _set_frozen_bn_statistics(model, inputs)
+    calibrate_frozen_batchnorm(model, inputs)
     model.train()
-    with EventStorage():
+    with EventStorage(), FinitenessProbe(model) as probe, EncoderConditioning(model) as conditioning:
         losses = model(inputs)
+        probe.assert_finite_forward()
         sum(losses.values()).backward()
+    # O(1) after the calibration; without it R101-DC5 fed the encoder |x| ~ 5e4 and logits ~ 3e8
+    measured = conditioning.result
+    assert measured["max_abs_encoder_input"] < 50 and measured["max_abs_attention_logit"] < 50, measured
+    assert_finite_gradients(model, probe)
+    probe.assert_finite_backward()
     model.eval()
     with torch.no_grad():
         results = model(inputs)
