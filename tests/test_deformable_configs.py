@@ -5,7 +5,8 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances
 
-CONFIGS = ["configs/dab_deformable_detr_r50.py", "configs/dab_deformable_detr_r50_two_stage.py"]
+CONFIGS = ["configs/dab_deformable_detr_r50.py", "configs/dab_deformable_detr_r50_two_stage.py",
+           "configs/dn_dab_deformable_detr_r50.py"]
 
 
 def _inputs():
@@ -29,6 +30,7 @@ def test_config_trains_a_step_and_evaluates(path):
     model.train()
     losses = model(_inputs())
     assert ("loss_class_enc" in losses) == model.transformer.two_stage
+    assert ("loss_class_dn" in losses) == path.endswith("dn_dab_deformable_detr_r50.py")
     total = sum(losses.values())
     optimizer.zero_grad()
     total.backward()
