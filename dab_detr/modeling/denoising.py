@@ -94,10 +94,10 @@ def noised_ground_truth(labels: torch.Tensor, boxes: torch.Tensor, settings: Den
         ``box_noise_scale`` x themselves (uniform, independently per coordinate), then clamped to
         [0, 1] (each coordinate, as the original: the box may leave the image).
     """
-    labels = labels.clone()
     if settings.label_noise_scale > 0:
+        # torch.where rather than indexing by the flipped positions: no device-to-host wait
         flip = torch.rand(labels.shape, device=labels.device) < settings.label_noise_scale
-        labels[flip] = torch.randint(0, num_classes, (int(flip.sum()),), device=labels.device)
+        labels = torch.where(flip, torch.randint_like(labels, 0, num_classes), labels)
     if settings.box_noise_scale > 0:
         half_then_full = torch.cat([boxes[:, 2:] / 2, boxes[:, 2:]], dim=1)
         noise = torch.rand_like(boxes) * 2 - 1.0
@@ -170,10 +170,11 @@ def build_denoising_queries(targets: List[Dict], label_enc: nn.Embedding, settin
     group_size = max(counts, default=0)
     labels = torch.cat([t["labels"] for t in targets]).repeat(groups)
     boxes = torch.cat([t["boxes"] for t in targets]).repeat(groups, 1)
-    batch_idx = torch.cat([torch.full((n,), k, dtype=torch.int64) for k, n in enumerate(counts)]).repeat(groups)
-    in_image = torch.cat([torch.arange(n) for n in counts])
+    # built on the device from Python numbers (no host-to-device copy, which would wait for a GPU)
+    batch_idx = torch.cat([torch.full((n,), k, dtype=torch.int64, device=device) for k, n in enumerate(counts)])
+    batch_idx = batch_idx.repeat(groups)
+    in_image = torch.cat([torch.arange(n, device=device) for n in counts])
     query_idx = torch.cat([in_image + g * group_size for g in range(groups)]) if groups else in_image[:0]
-    batch_idx, query_idx = batch_idx.to(device), query_idx.to(device)
 
     noised_labels, noised_boxes = noised_ground_truth(labels, boxes, settings, num_classes)
     embedded = label_enc(noised_labels)
