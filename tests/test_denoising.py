@@ -192,3 +192,30 @@ def test_a_few_training_iterations_through_the_trainer(tmp_path):
     assert len(history.values()) == 3 and all(torch.isfinite(torch.tensor(v)) for v, _ in history.values())
     results = LazyConfigTrainer.test(cfg, trainer.model.eval())
     assert 0.0 <= results["bbox"]["AP"] <= 100.0
+
+
+def _dn_deformable(**overrides):
+    from test_deformable_model import make_model
+
+    torch.manual_seed(0)
+    return make_model(depth=18, num_queries=20, **{"transformer.num_encoder_layers": 1,
+                                                   "transformer.num_decoder_layers": 2, **overrides})
+
+
+def test_deformable_matching_queries_do_not_see_the_denoising_queries():
+    model = _dn_deformable(denoising={"groups": 2})
+    # DN-DETR's deformable model keeps learned content queries: 255 values + the indicator
+    assert model.tgt_embed.weight.shape == (20, 255) and model.label_enc.weight.shape == (81, 255)
+    model.train()
+    images = torch.rand(2, 3, 96, 128)
+    mask = torch.zeros(2, 96, 128, dtype=torch.bool)
+    targets = [{"labels": t["labels"] + 10, "boxes": t["boxes"]} for t in _targets()]
+    with torch.no_grad():
+        with_dn = model.predict(images, mask, targets=targets)
+        without = model.predict(images, mask)
+    assert with_dn["pred_logits"].shape == without["pred_logits"].shape == (2, 20, 80)
+    torch.testing.assert_close(with_dn["pred_logits"], without["pred_logits"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(with_dn["pred_boxes"], without["pred_boxes"], rtol=1e-5, atol=1e-5)
+    assert with_dn["dn_outputs"]["pred_boxes"].shape == (2, 2 * 3, 4)  # 2 layers, 2 groups x 3 boxes
+    with pytest.raises(ValueError, match="model.denoising is implemented for the one-stage model"):
+        _dn_deformable(denoising={"groups": 2}, num_patterns=3)

@@ -252,6 +252,7 @@ class DABDeformableDETR(SetPredictionDetector):
             with denoising queries ``dn_outputs`` (``split_denoising_outputs``).
         """
         srcs, masks, pos = self.multi_level_inputs(images, padding_mask)
+        dn = None
         if self.transformer.two_stage:
             num_layers = self.transformer.decoder.num_layers
             out = self.transformer(
@@ -260,7 +261,6 @@ class DABDeformableDETR(SetPredictionDetector):
             )
         else:
             content, anchors = self.queries()
-            dn = None
             if self.denoising is not None and self.training and targets is not None and self.denoising.groups > 0:
                 dn = build_denoising_queries(targets, self.label_enc, self.denoising, self.num_classes, len(content))
                 batch = images.shape[0]
@@ -270,9 +270,7 @@ class DABDeformableDETR(SetPredictionDetector):
                                    self_attn_mask=None if dn is None else dn.attn_mask)
         logits = torch.stack([head(h) for head, h in zip(self.class_embed, out["hs"])])
         boxes = out["boxes"]  # each layer's box head applied to its anchor, inside the decoder
-        dn_outputs = None
-        if not self.transformer.two_stage:
-            logits, boxes, dn_outputs = split_denoising_outputs(logits, boxes, dn)
+        logits, boxes, dn_outputs = split_denoising_outputs(logits, boxes, dn)
         outputs = {
             "pred_logits": logits[-1],
             "pred_boxes": boxes[-1],
