@@ -6,7 +6,8 @@ from conditioning import FinitenessProbe, assert_finite_gradients, calibrate_fro
 from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances
 
-CONFIGS = ["configs/dab_deformable_detr_r50.py", "configs/dab_deformable_detr_r50_two_stage.py"]
+CONFIGS = ["configs/dab_deformable_detr_r50.py", "configs/dab_deformable_detr_r50_two_stage.py",
+           "configs/dn_dab_deformable_detr_r50.py"]
 
 
 def _inputs():
@@ -33,6 +34,7 @@ def test_config_trains_a_step_and_evaluates(path):
         losses = model(_inputs())
         probe.assert_finite_forward()
         assert ("loss_class_enc" in losses) == model.transformer.two_stage
+        assert ("loss_class_dn" in losses) == path.endswith("dn_dab_deformable_detr_r50.py")
         total = sum(losses.values())
         optimizer.zero_grad()
         total.backward()

@@ -48,19 +48,31 @@ def _reads_outside(stacks, allowed):
     return bad
 
 
-def _dab_detr():
-    return instantiate(small_model_config())
+def _dab_detr(denoising=None):
+    return instantiate(small_model_config(denoising=denoising))
 
 
-def _deformable():
+def _deformable(denoising=None):
     cfg = LazyConfig.load(DEFORMABLE_CONFIG).model
     cfg.backbone.stages.depth = 18
     cfg.num_queries = 20
     cfg.transformer.update(num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=128)
+    cfg.denoising = denoising
     return instantiate(cfg)
 
 
-MODELS = pytest.mark.parametrize("build", [_dab_detr, _deformable], ids=["dab_detr", "dab_deformable_detr"])
+def _dab_detr_denoising():
+    return _dab_detr({"groups": 3})
+
+
+def _deformable_denoising():
+    return _deformable({"groups": 3})
+
+
+MODELS = pytest.mark.parametrize(
+    "build", [_dab_detr, _deformable, _dab_detr_denoising, _deformable_denoising],
+    ids=["dab_detr", "dab_deformable_detr", "dn_dab_detr", "dn_dab_deformable_detr"],
+)
 SIZES = [(96, 128), (80, 112)]  # padded batch: the attention masks are used
 
 
@@ -100,12 +112,14 @@ def test_cuda_network_forward_and_backward_do_not_synchronize(build):
     synchronization reported as an error."""
     torch.manual_seed(0)
     model = build().cuda().train()
-    images = model.preprocess_image(make_inputs(SIZES, num_classes=model.num_classes))
+    inputs = make_inputs(SIZES, num_classes=model.num_classes)
+    images = model.preprocess_image(inputs)
     padding_mask = model.padding_mask(images)
+    targets = model.prepare_targets(inputs, images)  # what query denoising noises
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        outputs = model.predict(images.tensor, padding_mask, padded=True)
+        outputs = model.predict(images.tensor, padding_mask, padded=True, targets=targets)
         (outputs["pred_logits"].sum() + outputs["pred_boxes"].sum()).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -31,6 +31,10 @@ VARIANTS = {
     "dab_detr_r101_dc5": (101, True, 0, 20, False),
     "dab_detr_r101_dc5_3patterns": (101, True, 3, 20, False),
     "dab_detr_swin_t": ("swin", False, 0, 20, False),
+    # DN-DETR's released models (query denoising in training; DN-DETR's temperature default 20)
+    "dn_dab_detr_r50": (50, False, 0, 20, False),
+    "dn_dab_detr_r50_dc5": (50, True, 0, 20, False),
+    "dn_dab_detr_r50_dc5_3patterns": (50, True, 3, 20, False),
 }
 SIZES = [(75, 101), (96, 70)]  # odd sizes: batched with padding
 
@@ -96,9 +100,16 @@ def test_variant_config_builds_trains_and_evaluates(name):
     if depth != "swin":
         paper = PAPER_PARAMS[f"r{depth}"]
         assert abs(total - paper) / paper < 0.02, f"{name}: {total:,} parameters vs paper {paper:,.0f}"
+    denoising = name.startswith("dn_")
+    assert (model.denoising is not None) == denoising
+    if denoising:  # DN-DETR's main.py defaults
+        assert (model.denoising.groups, model.denoising.label_noise_scale, model.denoising.box_noise_scale) == (5, 0.2, 0.4)
 
     losses, results = _train_step_and_eval(model)
-    assert len(losses) == 18 and all(torch.isfinite(v) for v in losses.values())
+    # 3 losses x 6 decoder layers, and as many reconstruction losses with denoising
+    assert len(losses) == (36 if denoising else 18) and all(torch.isfinite(v) for v in losses.values())
+    if denoising:
+        assert model.label_enc.weight.grad.abs().sum() > 0
     last_stage = backbone.layers[3] if depth == "swin" else backbone.res5
     for module in (last_stage, model.input_proj, transformer.encoder, transformer.decoder):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())

@@ -6,6 +6,7 @@
     python tools/convert_checkpoint.py --source detrex dab_detr_r50_50ep.pth output/dab_detr_r50_detrex.pth
     python tools/convert_checkpoint.py --source mmdet dab-detr_r50_8xb2-50e_coco_20221122_120837-c1035c8c.pth \\
         output/dab_detr_r50_mmdet.pth
+    python tools/convert_checkpoint.py --source dn-detr checkpoint.pth output/dn_dab_detr_r50.pth  # DN-DETR
 
 It prints the exact command that evaluates the result: the config that builds the checkpoint's
 model plus the overrides for every setting the checkpoint saves that the config does not have

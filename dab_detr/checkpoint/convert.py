@@ -10,7 +10,7 @@ drops on purpose are reported in the notes with the reason.
 Copies of one tensor (the original's ``transformer.decoder.bbox_embed`` = ``bbox_embed``; detrex's
 PReLU stored twice per FFN) must be equal and are kept once. The original and transformers
 weights have 91 class logits indexed by COCO category id; the 80 rows of Detectron2's contiguous
-ids are kept. The settings a file saves (DC5, image-PE temperature, patterns, queries, classes)
+ids are kept (and of DN-DETR's label embedding, those 80 and its last, "unknown", row). The settings a file saves (DC5, image-PE temperature, patterns, queries, classes)
 give the config and the overrides of the evaluation command (``eval_config``).
 """
 import os
@@ -98,6 +98,21 @@ def _map_classes(state_dict: Dict[str, torch.Tensor], problems: List[str], notes
     notes.append(f"class_embed: kept the {len(ids)} rows of COCO ids {ids[0]}..{ids[-1]} out of {rows}")
 
 
+def _map_label_embedding(state_dict: Dict[str, torch.Tensor], problems: List[str], notes: List[str]) -> None:
+    """DN-DETR's ``label_enc`` [92, d]: rows of COCO ids 0..90 and the "unknown" label last ->
+    the 80 contiguous classes and "unknown" (as ``_map_classes``), in place."""
+    weight = state_dict.get("label_enc.weight")
+    if weight is None or weight.shape[0] == 81:
+        return
+    ids = coco_category_ids()
+    if weight.shape[0] != max(ids) + 2:
+        problems.append(f"label_enc.weight has {weight.shape[0]} rows; expected 92 (COCO ids 0..90 and "
+                        "the 'unknown' label) or 81")
+        return
+    state_dict["label_enc.weight"] = weight[ids + [weight.shape[0] - 1]].clone()
+    notes.append(f"label_enc: kept the rows of the {len(ids)} COCO ids and the last ('unknown') row out of {weight.shape[0]}")
+
+
 def _check_source(state_dict: Dict, source: str, where: str) -> None:
     layout = detect_layout(state_dict)
     if layout == source:
@@ -137,11 +152,13 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], source: str, *, file
     renamed = apply_rules(state_dict, layout.compiled, drop=layout.drop, prepare=layout.prepare)
     notes = [f"dropped {len(keys)} key(s) by rule: {reason}" for reason, keys in renamed.dropped.items()]
     _map_classes(renamed.tensors, renamed.problems, notes)
+    _map_label_embedding(renamed.tensors, renamed.problems, notes)
     try:
         variant = detect_variant(renamed.tensors)
     except ValueError as e:
         raise CheckpointError(f"{where}: {e}") from None
     variant.family = layout.config_family
+    variant.denoising = "label_enc.weight" in renamed.tensors
     for k, v in {**layout.settings_from_keys(list(state_dict)), **(hints or {})}.items():
         setattr(variant, k, v)
     expected = dabdetr_shapes(variant)
@@ -185,11 +202,14 @@ def convert_deformable_checkpoint(weights: Dict[str, torch.Tensor], source: str,
         num_classes=converted["class_embed.0.bias"].shape[0],
         dilation=(hints or {}).get("dilation"),
         family="deformable",
+        denoising="label_enc.weight" in converted,
     )
     command = eval_command(variant, config=config)
     expected = _model_shapes(config, command.overrides)
     check_against_model(converted, expected, f"{path} (source {source}, DAB-Deformable-DETR, config {config})")
-    notes = ["91 COCO-id class logits reduced to the 80 contiguous classes"] if source == "original" else []
+    notes = ["91 COCO-id class logits reduced to the 80 contiguous classes"] if source != "detrex" else []
+    if "label_enc.weight" in converted:
+        notes.append("label_enc: kept the rows of the 80 COCO ids and the last ('unknown') row out of 92")
     ordered = {k: converted[k].contiguous() for k in expected}
     return ConversionResult(ordered, variant, config, source, notes, command.overrides)
 

@@ -1,10 +1,13 @@
 """Convert DAB-Deformable-DETR checkpoints to the names of :class:`DABDeformableDETR`.
 
-Two sources (SPEC-deformable section 4):
+Three sources (SPEC-deformable section 4):
 
 - ``"original"``: the authors' repository (v1/v2 checkpoints, one-stage). torchvision ResNet
   names under ``backbone.0.body.``; 91 class logits indexed by COCO category id; the box heads
   saved twice (``bbox_embed.*`` and the alias ``transformer.decoder.bbox_embed.*``).
+- ``"dn-detr"``: DN-DETR's DN-DAB-Deformable-DETR (one-stage): the original's layout plus the
+  denoising label embedding ``label_enc.weight`` [92, 255] (rows by COCO category id, the last
+  one the "unknown" label; its 80 class rows and the last are kept) and 255-wide ``tgt_embed``.
 - ``"detrex"``: detrex's ``projects/dab_deformable_detr`` (one-stage and two-stage): Detectron2
   ResNet names, ``neck.*`` for the input projections, ``attentions/ffns/norms`` layer lists.
 
@@ -31,16 +34,16 @@ COCO_CATEGORY_IDS = [
     85, 86, 87, 88, 89, 90,
 ]
 
-_SOURCES = ("original", "detrex")
+_SOURCES = ("original", "detrex", "dn-detr")
 
 
 def detect_deformable_source(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
-    """``"original"`` or ``"detrex"`` for a DAB-Deformable-DETR state dict, else ``None``."""
+    """``"original"``, ``"dn-detr"`` or ``"detrex"`` for a DAB-Deformable-DETR state dict, else ``None``."""
     # every deformable attention layer has sampling offsets; plain DAB-DETR has none
     if not any(".sampling_offsets." in k for k in state_dict):
         return None
     if any(k.startswith("backbone.0.body.") for k in state_dict):
-        return "original"
+        return "dn-detr" if "label_enc.weight" in state_dict else "original"
     if any(k.startswith("neck.") for k in state_dict):
         return "detrex"
     return None
@@ -50,6 +53,8 @@ def deformable_config_for(converted: Dict[str, torch.Tensor]) -> str:
     """The config that builds the model of a converted state dict (one- or two-stage)."""
     if "transformer.enc_output.weight" in converted:
         return "configs/dab_deformable_detr_r50_two_stage.py"
+    if "label_enc.weight" in converted:
+        return "configs/dn_dab_deformable_detr_r50.py"
     return "configs/dab_deformable_detr_r50.py"
 
 
@@ -105,7 +110,7 @@ _OUR_NAMES = re.compile(
     r"transformer\.decoder\.(query_scale|ref_point_head)\.layers\.\d+\.|"
     r"transformer\.enc_output(_norm)?\.|"
     r"class_embed\.\d+\.|bbox_embed\.\d+\.layers\.\d+\.|tgt_embed\.weight$|refpoint_embed\.weight$|"
-    r"patterns_embed\.weight$)"
+    r"patterns_embed\.weight$|label_enc\.weight$)"
 )
 
 
@@ -124,10 +129,12 @@ def convert_deformable_state_dict(
 
     Args:
         state_dict: the model weights (``checkpoint["model"]``), without a ``module.`` prefix.
-        source: ``"original"`` (authors' repository, v1/v2) or ``"detrex"`` (one- or two-stage).
-        coco_91_to_80: for ``"original"``, keep only the 80 class-logit rows of the COCO category
-            ids (Detectron2's contiguous classes, as detrex's converters do). With False, the 91
-            rows are kept and the model must be built with ``num_classes=91``.
+        source: ``"original"`` (authors' repository, v1/v2), ``"dn-detr"`` or ``"detrex"``
+            (one- or two-stage).
+        coco_91_to_80: for ``"original"`` and ``"dn-detr"``, keep only the 80 class-logit rows of
+            the COCO category ids (Detectron2's contiguous classes, as detrex's converters do),
+            and of ``label_enc`` also its last ("unknown") row. With False, the 91 (92) rows are
+            kept and the model must be built with ``num_classes=91``.
 
     Returns:
         A new dict; tensors are shared, not copied. The alias ``transformer.decoder.bbox_embed.*``
@@ -146,16 +153,22 @@ def convert_deformable_state_dict(
         if alias:
             _check_alias(state_dict, key)
             continue
-        new = _original_name(key) if source == "original" else _detrex_name(key, num_convs)
+        original_layout = source in ("original", "dn-detr")
+        new = _original_name(key) if original_layout else _detrex_name(key, num_convs)
         if new is None:
             continue
         if not _OUR_NAMES.match(new):
             unknown.append(key)
             continue
-        if source == "original" and coco_91_to_80 and new.startswith("class_embed."):
+        if original_layout and coco_91_to_80 and new.startswith("class_embed."):
             if value.shape[0] != 91:
                 raise CheckpointError(f"{key}: expected 91 class rows (COCO category ids), got shape {tuple(value.shape)}")
             value = value[COCO_CATEGORY_IDS]
+        if original_layout and coco_91_to_80 and new == "label_enc.weight":
+            if value.shape[0] != 92:
+                raise CheckpointError(f"{key}: expected 92 rows (COCO category ids and 'unknown'), got shape "
+                                      f"{tuple(value.shape)}")
+            value = value[COCO_CATEGORY_IDS + [91]]
         out[new] = value
     if unknown:
         raise CheckpointError(f"keys not part of the {source} DAB-Deformable-DETR layout: {sorted(unknown)}")

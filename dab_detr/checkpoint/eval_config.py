@@ -29,6 +29,8 @@ def suggest_config(v: Variant, file_name: str = "") -> str:
     file name."""
     if v.family == "mmdet":
         return "configs/dab_detr_r50_mmdet.py"
+    if v.denoising:
+        return _dn_config(v, file_name)
     if v.backbone == "Swin-T":
         return "configs/dab_detr_swin_t.py"
     dc5 = v.dilation if v.dilation is not None else bool(re.search(r"dc5", file_name, re.IGNORECASE))
@@ -41,6 +43,16 @@ def suggest_config(v: Variant, file_name: str = "") -> str:
             name += "_fixxy"
     if v.num_patterns:
         name += f"_{v.num_patterns}patterns"
+    return f"configs/{name}.py"
+
+
+def _dn_config(v: Variant, file_name: str) -> str:
+    """The DN-DETR config closest to ``v``: dn_dab_detr_r50[_dc5][_3patterns] where it exists, else
+    dn_dab_detr_r50 (the overrides carry depth, DC5 and patterns)."""
+    dc5 = v.dilation if v.dilation is not None else bool(re.search(r"dc5", file_name, re.IGNORECASE))
+    name = "dn_dab_detr_r50" + ("_dc5" if dc5 else "") + (f"_{v.num_patterns}patterns" if v.num_patterns else "")
+    if v.backbone != "R50" or not os.path.isfile(os.path.join(REPO_ROOT, "configs", name + ".py")):
+        name = "dn_dab_detr_r50"
     return f"configs/{name}.py"
 
 

@@ -26,6 +26,7 @@ class Variant:
     pe_temperature: Optional[Tuple[float, float]] = None
     random_refpoints_xy: Optional[bool] = None
     family: str = ""
+    denoising: bool = False  # DN-DETR's model: has the label embedding ``label_enc``
 
 
 def _linear(shapes, name, out_dim, in_dim):
@@ -83,6 +84,8 @@ def _head_and_transformer_shapes(v: Variant, backbone_channels: int) -> Dict[str
     _mlp(s, "transformer.decoder.ref_anchor_head", [d, d, 2])
     if v.num_patterns > 0:
         s["transformer.patterns.weight"] = (v.num_patterns, d)
+    if v.denoising:
+        s["label_enc.weight"] = (v.num_classes + 1, d - 1)  # classes + "unknown", + 1 indicator
     return s
 
 

@@ -36,13 +36,19 @@ class SetCriterion(nn.Module):
     - ``loss_bbox``: L1 on normalized (cx, cy, w, h) of matched pairs;
     - ``loss_giou``: 1 - GIoU of matched pairs.
 
+    With query denoising (DN-DETR), the outputs' ``dn_outputs`` add the reconstruction losses
+    ``loss_class_dn``, ``loss_bbox_dn``, ``loss_giou_dn`` of every decoder layer: the same three
+    losses of each denoising query against the ground truth it was noised from (no matching),
+    divided by the number of denoising queries (see ``denoising_losses``).
+
     The losses are returned already multiplied by ``weight_dict`` (auxiliary ones use the same
-    weights). The number of classes is read from the logits, so the criterion cannot disagree
-    with the model's class head.
+    weights; a denoising loss the weight of its matching loss unless set). The number of classes
+    is read from the logits, so the criterion cannot disagree with the model's class head.
 
     Args:
         matcher: assigns queries to targets.
-        weight_dict: weight of ``loss_class``, ``loss_bbox`` and ``loss_giou``.
+        weight_dict: weight of ``loss_class``, ``loss_bbox`` and ``loss_giou`` (and optionally
+            of ``loss_class_dn``, ``loss_bbox_dn``, ``loss_giou_dn``).
         focal_alpha, focal_gamma: focal loss parameters.
     """
 
@@ -56,12 +62,15 @@ class SetCriterion(nn.Module):
         super().__init__()
         self.matcher = matcher
         weight_dict = dict(weight_dict or {"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0})
-        unknown = set(weight_dict) - {"loss_class", "loss_bbox", "loss_giou"}
+        matching = ("loss_class", "loss_bbox", "loss_giou")
+        unknown = set(weight_dict) - set(matching) - {name + "_dn" for name in matching}
         if unknown:
             raise ValueError(
                 f"SetCriterion: unknown loss names in weight_dict: {sorted(unknown)}; "
-                "expected loss_class, loss_bbox, loss_giou"
+                "expected loss_class, loss_bbox, loss_giou (and their _dn denoising versions)"
             )
+        for name in matching:  # DN-DETR weights each reconstruction loss as its matching loss
+            weight_dict.setdefault(name + "_dn", weight_dict.get(name, 0.0))
         self.weight_dict = weight_dict
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
@@ -144,19 +153,58 @@ class SetCriterion(nn.Module):
         losses = {"loss_class": loss_class, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
         return losses, {"class_error": class_error}
 
+    def denoising_losses(self, dn_outputs: Dict) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """Unweighted reconstruction losses of the denoising queries at L decoder layers.
+
+        Args:
+            dn_outputs: ``pred_logits`` [L, M, C], ``pred_boxes`` [L, M, 4] (normalized cx, cy,
+                w, h) of the M denoising queries, ``labels`` [M] and ``boxes`` [M, 4] the ground
+                truth each was noised from.
+
+        Returns:
+            (losses, metrics): ``loss_class``, ``loss_bbox``, ``loss_giou`` as [L] tensors, each
+            summed over queries (and classes) and divided by M, as DN-DETR's ``compute_dn_loss``
+            (M of this process, not averaged over processes; all zeros when M = 0);
+            ``class_error`` of the last layer.
+        """
+        pred_logits, pred_boxes = dn_outputs["pred_logits"].float(), dn_outputs["pred_boxes"].float()
+        labels, tgt_boxes = dn_outputs["labels"], dn_outputs["boxes"].float()
+        num_layers, num_queries = pred_logits.shape[:2]
+        normalizer = float(max(num_queries, 1))
+        onehot = torch.zeros_like(pred_logits)
+        onehot[:, torch.arange(num_queries, device=labels.device), labels] = 1.0
+        loss_class = sigmoid_focal_loss(
+            pred_logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
+        ).flatten(1).sum(1) / normalizer
+        loss_bbox = (pred_boxes - tgt_boxes).abs().flatten(1).sum(1) / normalizer
+        giou = paired_generalized_box_iou(
+            box_convert(pred_boxes.flatten(0, 1), "cxcywh", "xyxy"),
+            box_convert(tgt_boxes.repeat(num_layers, 1), "cxcywh", "xyxy"),
+        )
+        loss_giou = (1 - giou).view(num_layers, num_queries).sum(1) / normalizer
+        with torch.no_grad():
+            if num_queries:
+                class_error = 100.0 - 100.0 * (pred_logits[-1].argmax(-1) == labels).float().mean()
+            else:
+                class_error = torch.zeros((), device=pred_logits.device)
+        return {"loss_class": loss_class, "loss_bbox": loss_bbox, "loss_giou": loss_giou}, {"class_error": class_error}
+
     def forward(self, outputs: Dict, targets: List[Dict]) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         """Weighted losses of all outputs.
 
         Args:
             outputs: ``pred_logits`` [B, Q, C], ``pred_boxes`` [B, Q, 4] (normalized cx, cy, w, h),
                 optional ``aux_outputs`` (list of such dicts, one per earlier decoder layer) and
-                ``enc_outputs`` (one such dict, two-stage proposals).
+                ``enc_outputs`` (one such dict, two-stage proposals) and ``dn_outputs`` (query
+                denoising, see ``denoising_losses``; its last 1 + len(aux_outputs) layers are used).
             targets: B dicts with ``labels`` [N_k] and ``boxes`` [N_k, 4] normalized (cx, cy, w, h).
 
         Returns:
             (losses, metrics). Loss keys: ``loss_class``, ``loss_bbox``, ``loss_giou`` for the final
             output, the same with suffix ``_0`` .. ``_{n-1}`` for auxiliary outputs and ``_enc``
-            for encoder proposals. Metrics (detached, not losses): ``class_error``.
+            for encoder proposals; with ``dn_outputs`` also ``loss_class_dn``, ``loss_bbox_dn``,
+            ``loss_giou_dn`` and the same with ``_0`` .. ``_{n-1}`` for the earlier layers.
+            Metrics (detached, not losses): ``class_error`` (and ``class_error_dn``).
         """
         num_boxes = _num_boxes_across_processes(targets, outputs["pred_logits"].device)
         # the decoder layers (auxiliary first, the final output last) in one batched pass
@@ -177,4 +225,15 @@ class SetCriterion(nn.Module):
                     losses[name + suffix] = value * self.weight_dict.get(name, 0.0)
             if group_suffixes[-1] == "":
                 metrics.update(group_metrics)
+        if "dn_outputs" in outputs:
+            # the layers the matching losses supervise: the last one, or all with aux_outputs
+            dn = outputs["dn_outputs"]
+            layers = slice(-len(decoder_outputs), None)
+            dn_losses, dn_metrics = self.denoising_losses(
+                {**dn, "pred_logits": dn["pred_logits"][layers], "pred_boxes": dn["pred_boxes"][layers]}
+            )
+            for name, values in dn_losses.items():
+                for suffix, value in zip(suffixes, values.unbind(0)):
+                    losses[f"{name}_dn{suffix}"] = value * self.weight_dict[name + "_dn"]
+            metrics["class_error_dn"] = dn_metrics["class_error"]
         return losses, metrics

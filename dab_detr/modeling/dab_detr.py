@@ -5,7 +5,7 @@ criterion and post-processing are plain torch.
 """
 import logging
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from .anchors import AnchorBoxes
 from .box_ops import inverse_sigmoid
 from .criterion import SetCriterion
+from .denoising import build_denoising_queries, denoising_settings, matching_content, split_denoising_outputs
 from .frozen_bn_folding import optimize_backbone
 from .matcher import HungarianMatcher
 from .mlp import MLP
@@ -96,10 +97,10 @@ class SetPredictionDetector(nn.Module):
     def forward(self, batched_inputs: List[Dict]):
         images = self.preprocess_image(batched_inputs)
         padding_mask = self.padding_mask(images)
-        outputs = self.predict(images.tensor, padding_mask, padded=self.has_padding(images))
-
         if self.training:
+            # prepared first: query denoising feeds noised ground truth to the decoder
             targets = self.prepare_targets(batched_inputs, images)
+            outputs = self.predict(images.tensor, padding_mask, padded=self.has_padding(images), targets=targets)
             if not self.aux_loss:
                 outputs.pop("aux_outputs")
             losses, metrics = self.criterion(outputs, targets)
@@ -108,6 +109,7 @@ class SetPredictionDetector(nn.Module):
             self.training_metrics = {name: value.detach() for name, value in metrics.items()}
             return losses
 
+        outputs = self.predict(images.tensor, padding_mask, padded=self.has_padding(images))
         scores, labels, boxes = select_top_k(
             outputs["pred_logits"], outputs["pred_boxes"], self.select_box_nums_for_evaluation
         )
@@ -232,6 +234,7 @@ class DABDETR(SetPredictionDetector):
         input_format: str = "RGB",
         clip_boxes_to_image: bool = False,
         fast_backbone: bool = True,
+        denoising: Optional[Mapping] = None,
     ):
         """
         Args:
@@ -250,6 +253,11 @@ class DABDETR(SetPredictionDetector):
                 post-processing); off as in the original.
             fast_backbone: fold frozen BN into the convs and use NHWC conv weights (see
                 ``SetPredictionDetector``); False keeps the backbone as built.
+            denoising: None (DAB-DETR), or DN-DETR's query denoising: a dict of
+                ``DenoisingSettings`` fields (``groups``, ``label_noise_scale``,
+                ``box_noise_scale``). Adds ``label_enc`` [num_classes + 1, hidden - 1], whose
+                "unknown" row is the content query of the matching queries in training and
+                inference (see ``dab_detr.modeling.denoising``).
         """
         shapes = backbone.output_shape()
         if in_feature not in shapes:
@@ -271,6 +279,9 @@ class DABDETR(SetPredictionDetector):
         self.class_embed = nn.Linear(hidden_dim, num_classes)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.init_heads(self.class_embed, self.bbox_embed)
+        self.denoising = denoising_settings(denoising)
+        if self.denoising is not None:
+            self.label_enc = nn.Embedding(num_classes + 1, hidden_dim - 1)
 
     @classmethod
     def from_config(cls, cfg):
@@ -303,7 +314,8 @@ class DABDETR(SetPredictionDetector):
         }
 
     # ------------------------------------------------------------------ core
-    def predict(self, images: torch.Tensor, padding_mask: torch.Tensor, padded: bool = True) -> Dict:
+    def predict(self, images: torch.Tensor, padding_mask: torch.Tensor, padded: bool = True,
+                targets: Optional[List[Dict]] = None) -> Dict:
         """Run the network on a normalized, padded batch.
 
         Args:
@@ -312,23 +324,38 @@ class DABDETR(SetPredictionDetector):
             padded: False when the caller knows that no pixel is padding (``padding_mask`` is all
                 False): the attention layers then attend without a mask, which is the same
                 attention without the masking work.
+            targets: in training with denoising, the ground truth (``prepare_targets``) to noise.
 
         Returns:
             ``pred_logits`` [B, Q, C] and ``pred_boxes`` [B, Q, 4] (normalized cx, cy, w, h) of the
             last decoder layer, and ``aux_outputs``: the same for each earlier layer, first to last.
+            With denoising queries also ``dn_outputs`` (``split_denoising_outputs``): their
+            predictions at every layer and the ground truth they reconstruct.
         """
         features = self.backbone(images)[self.in_feature]
         # the mask follows the feature map by nearest interpolation, in training and inference
         mask = F.interpolate(padding_mask[None].float(), size=features.shape[-2:])[0].to(torch.bool)
         image_pos = self.position_embedding(mask).to(features.dtype)
+        anchors = self.refpoint_embed()
+        content, dn = None, None
+        if self.denoising is not None:
+            content = matching_content(self.label_enc)
+            if self.training and targets is not None and self.denoising.groups > 0:
+                num_matching = anchors.shape[0] * max(1, self.transformer.num_patterns)
+                dn = build_denoising_queries(targets, self.label_enc, self.denoising, self.num_classes, num_matching)
         hidden, references = self.transformer(
-            self.input_proj(features), mask if padded else None, image_pos, self.refpoint_embed(), self.bbox_embed
+            self.input_proj(features), mask if padded else None, image_pos, anchors, self.bbox_embed,
+            matching_content=content, denoising=dn,
         )
         logits = self.class_embed(hidden)
         # each layer's box is predicted relative to the anchor that layer started from
         boxes = (self.bbox_embed(hidden) + inverse_sigmoid(references)).sigmoid()
-        return {
+        logits, boxes, dn_outputs = split_denoising_outputs(logits, boxes, dn)
+        outputs = {
             "pred_logits": logits[-1],
             "pred_boxes": boxes[-1],
             "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])],
         }
+        if dn_outputs is not None:
+            outputs["dn_outputs"] = dn_outputs
+        return outputs

@@ -37,8 +37,12 @@ class ProjectedAttention(nn.Module):
         self.dropout = dropout
         self.out_proj = nn.Linear(value_dim, value_dim)
 
-    def forward(self, query, key, value, key_padding_mask: Optional[torch.Tensor] = None):
-        """query [B, Lq, Dqk], key [B, Lk, Dqk], value [B, Lk, Dv], key_padding_mask [B, Lk] (True = ignore) -> [B, Lq, Dv]."""
+    def forward(self, query, key, value, key_padding_mask: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None):
+        """query [B, Lq, Dqk], key [B, Lk, Dqk], value [B, Lk, Dv] -> [B, Lq, Dv].
+
+        key_padding_mask: [B, Lk] and attn_mask: [Lq, Lk] (query denoising), bool, True = ignore.
+        """
         batch = query.shape[0]
 
         def split_heads(x):
@@ -55,10 +59,14 @@ class ProjectedAttention(nn.Module):
             logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
             if key_padding_mask is not None:
                 logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+            if attn_mask is not None:
+                logits = logits.masked_fill(attn_mask, float("-inf"))
             out = F.dropout(logits.softmax(dim=-1), dropout, self.training) @ v
         else:
-            attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+            allowed = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+            if attn_mask is not None:
+                allowed = ~attn_mask if allowed is None else allowed & ~attn_mask
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -150,7 +158,8 @@ class DecoderLayer(nn.Module):
             (content.view(batch, length, self.nhead, -1), position.view(batch, length, self.nhead, -1)), dim=3
         ).flatten(2)
 
-    def forward(self, tgt, memory, memory_padding_mask, image_pos, query_pos, query_sine_embed):
+    def forward(self, tgt, memory, memory_padding_mask, image_pos, query_pos, query_sine_embed,
+                self_attn_mask: Optional[torch.Tensor] = None):
         """
         Args:
             tgt: [B, Q, d] content queries.
@@ -158,6 +167,8 @@ class DecoderLayer(nn.Module):
             image_pos: [B, HW, d] image position embedding.
             query_pos: [B, Q, d] positional queries (``ref_point_head`` of the anchor embedding).
             query_sine_embed: [B, Q, d] scaled, width/height-modulated (y, x) anchor sine features.
+            self_attn_mask: [Q, Q] bool, True where a query may not attend to another (query
+                denoising); None: every query sees every query.
 
         Returns:
             [B, Q, d] updated content queries (not normalized by the decoder's shared norm).
@@ -166,7 +177,7 @@ class DecoderLayer(nn.Module):
         q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
         k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
         v = self.sa_v_proj(tgt)
-        tgt = self.norm1(tgt + self.dropout(self.self_attn(q, k, v)))
+        tgt = self.norm1(tgt + self.dropout(self.self_attn(q, k, v, attn_mask=self_attn_mask)))
 
         # 2. cross-attention to the image, content and position concatenated per head
         q_content = self.ca_qcontent_proj(tgt)
@@ -214,15 +225,17 @@ class DABDecoder(nn.Module):
 
     def forward(
         self, tgt, memory, memory_padding_mask, image_pos, anchors,
-        bbox_embed: Callable[[torch.Tensor], torch.Tensor],
+        bbox_embed: Callable[[torch.Tensor], torch.Tensor], self_attn_mask: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
-            tgt: [B, Q, d] initial content queries (zeros, or pattern embeddings).
+            tgt: [B, Q, d] initial content queries (zeros, or pattern embeddings; with query
+                denoising, label embeddings).
             memory, image_pos: [B, HW, d]; memory_padding_mask: [B, HW].
             anchors: [B, Q, 4] initial anchors, normalized (cx, cy, w, h) (sigmoid of the learned ones).
             bbox_embed: the box head shared with the detector; predicts the anchor update from
                 the un-normalized layer output.
+            self_attn_mask: [Q, Q] bool for every layer's self-attention (``DecoderLayer``).
 
         Returns:
             hidden: [num_layers, B, Q, d] every layer's output after the shared norm.
@@ -251,7 +264,7 @@ class DABDecoder(nn.Module):
                     query_sine_embed[..., half:] * (ref_wh[..., 0] / reference[..., 2]).unsqueeze(-1),
                 ), dim=-1)
 
-            output = layer(output, memory, memory_padding_mask, image_pos, query_pos, query_sine_embed)
+            output = layer(output, memory, memory_padding_mask, image_pos, query_pos, query_sine_embed, self_attn_mask)
 
             # anchor update from the un-normalized output (the original's choice)
             new_reference = (bbox_embed(output) + inverse_sigmoid(reference, eps=self.anchor_update_eps)).sigmoid()
@@ -306,7 +319,8 @@ class DABTransformer(nn.Module):
         # created after the xavier init, so it keeps nn.Embedding's N(0, 1) (as the original)
         self.patterns = nn.Embedding(num_patterns, d_model) if num_patterns > 0 else None
 
-    def forward(self, src, padding_mask, image_pos, anchors_logit, bbox_embed):
+    def forward(self, src, padding_mask, image_pos, anchors_logit, bbox_embed, matching_content=None,
+                denoising=None):
         """
         Args:
             src: [B, d, H, W] projected backbone features.
@@ -314,9 +328,15 @@ class DABTransformer(nn.Module):
             image_pos: [B, d, H, W] image position embedding.
             anchors_logit: [Q, 4] learned anchors in logit space (cx, cy, w, h).
             bbox_embed: the shared box head.
+            matching_content: [d] content added to every query's pattern embedding (or used
+                alone without patterns); None: zeros (DAB-DETR). DN-DETR: the "unknown" label
+                embedding (``denoising.matching_content``).
+            denoising: ``DenoisingQueries`` placed in front of the matching queries, whose
+                ``attn_mask`` masks the decoder self-attention; None: none.
 
         Returns:
-            hidden [L, B, Q', d] and references [L, B, Q', 4], Q' = Q * max(1, num_patterns).
+            hidden [L, B, P + Q', d] and references [L, B, P + Q', 4], Q' = Q * max(1, num_patterns)
+            and P the denoising queries (0 without).
         """
         batch = src.shape[0]
         src = src.flatten(2).transpose(1, 2)
@@ -333,5 +353,11 @@ class DABTransformer(nn.Module):
             tgt = self.patterns.weight.repeat_interleave(num_queries, dim=0)
             tgt = tgt.unsqueeze(0).expand(batch, -1, -1)
             anchors_logit = anchors_logit.repeat(self.num_patterns, 1)
+        if matching_content is not None:
+            tgt = matching_content.to(tgt.dtype) + tgt  # DN-DETR: label embedding + pattern
         anchors = anchors_logit.sigmoid().unsqueeze(0).expand(batch, -1, -1)
-        return self.decoder(tgt, memory, padding_mask, image_pos, anchors, bbox_embed)
+        if denoising is None:
+            return self.decoder(tgt, memory, padding_mask, image_pos, anchors, bbox_embed)
+        tgt = torch.cat([denoising.content.to(tgt.dtype), tgt], dim=1)
+        anchors = torch.cat([denoising.anchors_logit.sigmoid().to(anchors.dtype), anchors], dim=1)
+        return self.decoder(tgt, memory, padding_mask, image_pos, anchors, bbox_embed, denoising.attn_mask)

@@ -57,4 +57,7 @@ model = L(DABDETR)(
     pixel_mean=[123.675, 116.28, 103.53],
     pixel_std=[58.395, 57.12, 57.375],
     input_format="RGB",
+    # DN-DETR's query denoising (dab_detr.modeling.denoising): off, as the original DAB-DETR;
+    # the configs/dn_*.py set dict(groups=5, label_noise_scale=0.2, box_noise_scale=0.4)
+    denoising=None,
 )

@@ -4,6 +4,7 @@ from typing import Dict, Sequence
 
 from .base import SourceLayout
 from .detrex import LAYOUT as DETREX
+from .dn_detr import LAYOUT as DN_DETR
 from .hf import LAYOUT as HF
 from .mmdet import LAYOUT as MMDET
 from .original import LAYOUT as ORIGINAL
@@ -11,8 +12,8 @@ from .original import LAYOUT as ORIGINAL
 __all__ = ["LAYOUTS", "SourceLayout", "looks_like"]
 
 # the order in which a state dict's keys are recognized (most distinctive first)
-LAYOUTS: Dict[str, SourceLayout] = {layout.name: layout for layout in (ORIGINAL, DETREX, HF, MMDET)}
-_DETECTION_ORDER = (HF, MMDET, DETREX, ORIGINAL)
+LAYOUTS: Dict[str, SourceLayout] = {layout.name: layout for layout in (ORIGINAL, DETREX, HF, MMDET, DN_DETR)}
+_DETECTION_ORDER = (HF, MMDET, DETREX, DN_DETR, ORIGINAL)  # DN-DETR's = the original's + label_enc
 
 
 def looks_like(keys: Sequence[str]) -> str:

@@ -5,7 +5,7 @@ Detectron2 side (image batching, padding masks, targets from ``Instances``, loss
 as ``Instances``) is DAB-DETR's: both inherit :class:`~dab_detr.modeling.dab_detr.SetPredictionDetector`.
 """
 import copy
-from typing import Dict, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from ..anchors import AnchorBoxes
 from ..criterion import SetCriterion
 from ..dab_detr import SetPredictionDetector, criterion_from_config
+from ..denoising import build_denoising_queries, denoising_settings, split_denoising_outputs
 from ..mlp import MLP
 from ..position_encoding import PositionEmbeddingSine
 from .deformable_transformer import DABDeformableTransformer
@@ -61,6 +62,7 @@ class DABDeformableDETR(SetPredictionDetector):
         pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
         input_format: str = "RGB",
         fast_backbone: bool = True,
+        denoising: Optional[Mapping] = None,
     ):
         """
         Args:
@@ -82,6 +84,10 @@ class DABDeformableDETR(SetPredictionDetector):
             pixel_mean, pixel_std, input_format: input normalization (0-255 scale).
             fast_backbone: fold frozen BN into the backbone's convs and use NHWC conv weights
                 (``SetPredictionDetector``); False keeps the backbone as built.
+            denoising: None, or DN-DETR's query denoising (a dict of ``DenoisingSettings``
+                fields, see ``dab_detr.modeling.denoising``), one-stage without patterns as in
+                DN-DETR. Adds ``label_enc`` [num_classes + 1, C - 1]; the learned content queries
+                become C - 1 wide plus the indicator 0 (DN-DAB-Deformable-DETR's ``tgt_embed``).
         """
         in_features = list(in_features)
         shapes = backbone.output_shape()
@@ -102,6 +108,11 @@ class DABDeformableDETR(SetPredictionDetector):
             raise ValueError(
                 "DABDeformableDETR: num_patterns, random_refpoints_xy and freeze_anchor_xy apply to "
                 "learned anchors; the two-stage transformer takes its queries from encoder proposals"
+            )
+        if denoising is not None and (two_stage or num_patterns):
+            raise ValueError(
+                "DABDeformableDETR: model.denoising is implemented for the one-stage model without "
+                "patterns (as DN-DETR's dn_dab_deformable_detr); set two_stage=False and num_patterns=0"
             )
         if two_stage and transformer.two_stage_num_proposals != num_queries:
             raise ValueError(
@@ -146,10 +157,16 @@ class DABDeformableDETR(SetPredictionDetector):
         if not two_stage:
             # the first layer's boxes start smaller than the anchors (original and detrex)
             nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
-            self.tgt_embed = nn.Embedding(num_queries, hidden_dim)
+            self.denoising = denoising_settings(denoising)
+            # with denoising, one value of each content query is the indicator (DN-DETR)
+            self.tgt_embed = nn.Embedding(num_queries, hidden_dim - (self.denoising is not None))
             self.refpoint_embed = AnchorBoxes(num_queries, random_xy=random_refpoints_xy, freeze_xy=freeze_anchor_xy)
             if num_patterns > 0:
                 self.patterns_embed = nn.Embedding(num_patterns, hidden_dim)
+            if self.denoising is not None:
+                self.label_enc = nn.Embedding(num_classes + 1, hidden_dim - 1)
+        else:
+            self.denoising = None
 
     @classmethod
     def from_config(cls, cfg):
@@ -190,6 +207,10 @@ class DABDeformableDETR(SetPredictionDetector):
         anchors repeat once per pattern (pattern-major), as in the original.
         """
         content = self.tgt_embed.weight
+        if self.denoising is not None:
+            # indicator 0; + 0 x label_enc as the original, so that label_enc is used (DDP needs
+            # every parameter in the graph) even when a batch has no ground truth to noise
+            content = torch.cat([content, content.new_zeros(len(content), 1)], dim=1) + 0 * self.label_enc.weight[0, 0]
         anchors = self.refpoint_embed()
         if self.num_patterns > 0:
             patterns = self.patterns_embed.weight[:, None, :].repeat(1, content.shape[0], 1).flatten(0, 1)
@@ -214,20 +235,24 @@ class DABDeformableDETR(SetPredictionDetector):
         pos = [self.position_embedding(m).to(s.dtype) for m, s in zip(masks, srcs)]
         return srcs, masks, pos
 
-    def predict(self, images: torch.Tensor, padding_mask: torch.Tensor, padded: bool = True) -> Dict:
+    def predict(self, images: torch.Tensor, padding_mask: torch.Tensor, padded: bool = True,
+                targets: Optional[List[Dict]] = None) -> Dict:
         """Run the network on a normalized, zero-padded batch.
 
         Args:
             images: [B, 3, H, W]; padding_mask: [B, H, W] bool, True on padded pixels.
             padded: unused (the deformable attention takes its valid ratios and value masking
                 from ``padding_mask`` either way); accepted for the shared ``forward``.
+            targets: in training with denoising, the ground truth to noise (see ``DABDETR.predict``).
 
         Returns:
             ``pred_logits`` [B, Q, C], ``pred_boxes`` [B, Q, 4] (normalized cx, cy, w, h) of the
             last layer; ``aux_outputs`` (earlier layers, first to last); for two-stage also
-            ``enc_outputs`` (the selected encoder proposals, scored by the proposal class head).
+            ``enc_outputs`` (the selected encoder proposals, scored by the proposal class head);
+            with denoising queries ``dn_outputs`` (``split_denoising_outputs``).
         """
         srcs, masks, pos = self.multi_level_inputs(images, padding_mask)
+        dn = None
         if self.transformer.two_stage:
             num_layers = self.transformer.decoder.num_layers
             out = self.transformer(
@@ -236,9 +261,16 @@ class DABDeformableDETR(SetPredictionDetector):
             )
         else:
             content, anchors = self.queries()
-            out = self.transformer(srcs, masks, pos, self.bbox_embed, query_content=content, query_anchors=anchors)
-        logits = [head(h) for head, h in zip(self.class_embed, out["hs"])]
+            if self.denoising is not None and self.training and targets is not None and self.denoising.groups > 0:
+                dn = build_denoising_queries(targets, self.label_enc, self.denoising, self.num_classes, len(content))
+                batch = images.shape[0]
+                content = torch.cat([dn.content, content.expand(batch, -1, -1)], dim=1)
+                anchors = torch.cat([dn.anchors_logit, anchors.expand(batch, -1, -1)], dim=1)
+            out = self.transformer(srcs, masks, pos, self.bbox_embed, query_content=content, query_anchors=anchors,
+                                   self_attn_mask=None if dn is None else dn.attn_mask)
+        logits = torch.stack([head(h) for head, h in zip(self.class_embed, out["hs"])])
         boxes = out["boxes"]  # each layer's box head applied to its anchor, inside the decoder
+        logits, boxes, dn_outputs = split_denoising_outputs(logits, boxes, dn)
         outputs = {
             "pred_logits": logits[-1],
             "pred_boxes": boxes[-1],
@@ -249,4 +281,6 @@ class DABDeformableDETR(SetPredictionDetector):
                 "pred_logits": self.class_embed[-1](out["enc_memory"]),
                 "pred_boxes": out["enc_boxes"],
             }
+        if dn_outputs is not None:
+            outputs["dn_outputs"] = dn_outputs
         return outputs

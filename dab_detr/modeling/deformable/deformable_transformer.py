@@ -108,18 +108,21 @@ class DABDeformableDecoderLayer(nn.Module):
         self.dropout4 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def forward(self, tgt, query_pos, reference_boxes, memory, spatial_shapes, memory_padding_mask):
+    def forward(self, tgt, query_pos, reference_boxes, memory, spatial_shapes, memory_padding_mask,
+                self_attn_mask: Optional[torch.Tensor] = None):
         """
         Args:
             tgt, query_pos: [B, Q, C] content and positional queries.
             reference_boxes: [B, Q, L, 4] anchors (cx, cy, w, h) scaled to each level's padded map.
             memory: [B, S, C]; memory_padding_mask: [B, S] True on padding.
+            self_attn_mask: [Q, Q] bool, True where a query may not attend to another (query
+                denoising, ``dab_detr.modeling.denoising``); None: no mask.
 
         Returns:
             [B, Q, C].
         """
         q = k = tgt + query_pos
-        self_attn = self.self_attn(q, k, tgt, need_weights=False)[0]
+        self_attn = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(self_attn))
         cross = self.cross_attn(tgt + query_pos, reference_boxes, memory, spatial_shapes, memory_padding_mask)
         tgt = self.norm1(tgt + self.dropout1(cross))
@@ -166,6 +169,7 @@ class DABDeformableDecoder(nn.Module):
         valid_ratios: torch.Tensor,
         memory_padding_mask: torch.Tensor,
         bbox_embed: Sequence[nn.Module],
+        self_attn_mask: Optional[torch.Tensor] = None,
     ):
         """
         Args:
@@ -174,6 +178,7 @@ class DABDeformableDecoder(nn.Module):
             memory: [B, S, C] encoder output; memory_padding_mask: [B, S].
             spatial_shapes: [L, 2]; valid_ratios: [B, L, 2] (w, h).
             bbox_embed: one box head per layer (box deltas in logit space).
+            self_attn_mask: [Q, Q] bool mask of every layer's self-attention (query denoising).
 
         Returns:
             hs [N, B, Q, C] (each layer's output), boxes [N, B, Q, 4]: each layer's refined boxes
@@ -194,7 +199,7 @@ class DABDeformableDecoder(nn.Module):
             # the positional query comes from the level-0 scaled box, as in the original
             raw_query_pos = self.ref_point_head(anchor_sine_embedding(boxes_per_level[:, :, 0], self.d_model // 2))
             query_pos = raw_query_pos if k == 0 else self.query_scale(out) * raw_query_pos
-            out = layer(out, query_pos, boxes_per_level, memory, spatial_shapes, memory_padding_mask)
+            out = layer(out, query_pos, boxes_per_level, memory, spatial_shapes, memory_padding_mask, self_attn_mask)
             new_boxes = (bbox_embed[k](out) + inverse_sigmoid(reference_boxes)).sigmoid()
             hs.append(out)
             boxes.append(new_boxes)
@@ -325,16 +330,20 @@ class DABDeformableTransformer(nn.Module):
         query_anchors: Optional[torch.Tensor] = None,
         proposal_class_embed: Optional[nn.Module] = None,
         proposal_bbox_embed: Optional[nn.Module] = None,
+        self_attn_mask: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
             srcs: L feature maps [B, C, h_l, w_l] (finest first); masks: L [B, h_l, w_l] bool
                 (True = padding); pos_embeds: L [B, C, h_l, w_l] image position embeddings.
             bbox_embed: one box head per decoder layer.
-            query_content: [Q, C] learned content queries (one-stage).
-            query_anchors: [Q, 4] learned anchors in logit space (cx, cy, w, h) (one-stage).
+            query_content: [Q, C] learned content queries (one-stage), or [B, Q, C] per image
+                (with query denoising's noised queries in front).
+            query_anchors: [Q, 4] learned anchors in logit space (cx, cy, w, h) (one-stage), or
+                [B, Q, 4] per image.
             proposal_class_embed, proposal_bbox_embed: heads that score and refine the encoder
                 proposals (two-stage).
+            self_attn_mask: [Q, Q] bool mask of the decoder self-attention (query denoising).
 
         Returns:
             dict with ``hs`` [N, B, Q, C], ``boxes`` [N, B, Q, 4] (each decoder layer's predicted
@@ -369,9 +378,9 @@ class DABDeformableTransformer(nn.Module):
         else:
             if query_content is None or query_anchors is None:
                 raise ValueError("the one-stage transformer needs query_content and query_anchors")
-            tgt = query_content[None].expand(batch, -1, -1)
-            reference_boxes = query_anchors.sigmoid()[None].expand(batch, -1, -1)
+            tgt = query_content.expand(batch, -1, -1)  # [Q, C] or [B, Q, C]
+            reference_boxes = query_anchors.sigmoid().expand(batch, -1, -1)
         hs, boxes = self.decoder(
-            tgt, reference_boxes, memory, spatial_shapes, valid_ratios, mask_flatten, bbox_embed
+            tgt, reference_boxes, memory, spatial_shapes, valid_ratios, mask_flatten, bbox_embed, self_attn_mask
         )
         return {"hs": hs, "boxes": boxes, "init_reference": reference_boxes, **extra}
