@@ -51,7 +51,9 @@ def _dn_config(v: Variant, file_name: str) -> str:
     dn_dab_detr_r50 (the overrides carry depth, DC5 and patterns)."""
     dc5 = v.dilation if v.dilation is not None else bool(re.search(r"dc5", file_name, re.IGNORECASE))
     name = "dn_dab_detr_r50" + ("_dc5" if dc5 else "") + (f"_{v.num_patterns}patterns" if v.num_patterns else "")
-    if v.backbone != "R50" or not os.path.isfile(os.path.join(REPO_ROOT, "configs", name + ".py")):
+    from ..model_zoo import available_configs
+
+    if v.backbone != "R50" or name + ".py" not in available_configs():
         name = "dn_dab_detr_r50"
     return f"configs/{name}.py"
 
