@@ -158,6 +158,12 @@ class SetCriterion(nn.Module):
             output, the same with suffix ``_0`` .. ``_{n-1}`` for auxiliary outputs and ``_enc``
             for encoder proposals. Metrics (detached, not losses): ``class_error``.
         """
+        # the losses and the matching in fp32, autocast off: the network may run under bf16/fp16
+        # autocast, the set loss never does (layer_losses casts the predictions to float)
+        with torch.autocast(outputs["pred_logits"].device.type, enabled=False):
+            return self._weighted_losses(outputs, targets)
+
+    def _weighted_losses(self, outputs: Dict, targets: List[Dict]):
         num_boxes = _num_boxes_across_processes(targets, outputs["pred_logits"].device)
         # the decoder layers (auxiliary first, the final output last) in one batched pass
         decoder_outputs = list(outputs.get("aux_outputs", [])) + [outputs]

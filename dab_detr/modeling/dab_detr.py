@@ -17,6 +17,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import Boxes, ImageList, Instances
 
+from ..precision import run_in_fp32
 from .anchors import AnchorBoxes
 from .box_ops import inverse_sigmoid
 from .criterion import SetCriterion
@@ -324,9 +325,11 @@ class DABDETR(SetPredictionDetector):
         hidden, references = self.transformer(
             self.input_proj(features), mask if padded else None, image_pos, self.refpoint_embed(), self.bbox_embed
         )
-        logits = self.class_embed(hidden)
+        # the heads in fp32 under bf16/fp16 autocast: their rounding moved scores and boxes
+        # (dab_detr/precision.py); outside autocast these are the plain calls
+        logits = run_in_fp32(self.class_embed, hidden)
         # each layer's box is predicted relative to the anchor that layer started from
-        boxes = (self.bbox_embed(hidden) + inverse_sigmoid(references)).sigmoid()
+        boxes = (run_in_fp32(self.bbox_embed, hidden) + inverse_sigmoid(references)).sigmoid()
         return {
             "pred_logits": logits[-1],
             "pred_boxes": boxes[-1],

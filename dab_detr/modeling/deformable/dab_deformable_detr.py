@@ -15,6 +15,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 
+from ...precision import run_in_fp32
 from ..anchors import AnchorBoxes
 from ..criterion import SetCriterion
 from ..dab_detr import SetPredictionDetector, criterion_from_config
@@ -237,7 +238,8 @@ class DABDeformableDETR(SetPredictionDetector):
         else:
             content, anchors = self.queries()
             out = self.transformer(srcs, masks, pos, self.bbox_embed, query_content=content, query_anchors=anchors)
-        logits = [head(h) for head, h in zip(self.class_embed, out["hs"])]
+        # the class heads in fp32 under bf16/fp16 autocast, as the box heads (dab_detr/precision.py)
+        logits = [run_in_fp32(head, h) for head, h in zip(self.class_embed, out["hs"])]
         boxes = out["boxes"]  # each layer's box head applied to its anchor, inside the decoder
         outputs = {
             "pred_logits": logits[-1],
@@ -246,7 +248,7 @@ class DABDeformableDETR(SetPredictionDetector):
         }
         if self.transformer.two_stage:
             outputs["enc_outputs"] = {
-                "pred_logits": self.class_embed[-1](out["enc_memory"]),
+                "pred_logits": run_in_fp32(self.class_embed[-1], out["enc_memory"]),
                 "pred_boxes": out["enc_boxes"],
             }
         return outputs
