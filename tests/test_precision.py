@@ -265,3 +265,19 @@ def test_bf16_training_step_has_fp32_losses_and_matching():
     assert torch.isfinite(torch.tensor(total)) and total > 0
     assert all(p.grad is None or (p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all())
                for p in model.parameters())
+
+
+def test_benchmark_precision_list_and_legacy_amp():
+    import argparse
+
+    benchmark = load_tool("benchmark")
+    cpu = torch.device("cpu")
+
+    def names(**kwargs):
+        args = argparse.Namespace(**{"precision": "fp32", "amp": False, "amp_dtype": None, **kwargs})
+        return [p.name for p in benchmark.benchmark_precisions(args, cpu)]
+
+    assert names(precision="fp32,bf16") == ["fp32", "bf16"]
+    assert names(amp=True) == ["bf16"]  # the older --amp: bf16 on CPU
+    with pytest.raises(SystemExit, match="benchmark: --precision=fp16 needs a CUDA device"):
+        names(precision="fp32,fp16")
