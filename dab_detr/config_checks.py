@@ -9,7 +9,8 @@ nearest existing ones.
   loaders, ...) is checked against the signature of its ``_target_``: an argument the callable does
   not take is an error naming the node, the class and its accepted arguments. In ``train`` (a plain
   dict read by the trainer), a key that is one typo away from a known key (``max_iterr``) is an
-  error; other new keys are left alone (hooks added later may read them).
+  error; other new keys are left alone (hooks added later may read them). ``train.precision``
+  must name a precision (``dab_detr.precision``: fp32, bf16, fp16, auto).
 - ``load_checked_config(path, overrides)``: both, for ``tools/lazyconfig_train_net.py``.
 
 All errors are ``ConfigError`` (a ValueError); the tools print them without a traceback.
@@ -23,12 +24,14 @@ from omegaconf import DictConfig, ListConfig
 from detectron2.config import LazyConfig
 from detectron2.utils.registry import locate
 
+from .precision import PrecisionError, parse_precision
+
 __all__ = ["ConfigError", "TRAIN_KEYS", "apply_checked_overrides", "check_config", "load_checked_config"]
 
 # keys of ``train`` that the trainer, Detectron2's default_setup and the hooks read
 TRAIN_KEYS = ("output_dir", "init_checkpoint", "max_iter", "amp", "ddp", "checkpointer", "eval_period",
               "log_period", "device", "clip_grad", "grad_accumulation_steps", "model_ema", "seed",
-              "cudnn_benchmark", "float32_precision")
+              "cudnn_benchmark", "float32_precision", "precision")
 
 
 class ConfigError(ValueError):
@@ -118,6 +121,10 @@ def check_config(cfg: DictConfig) -> DictConfig:
         for key in train.keys():
             if key not in TRAIN_KEYS and difflib.get_close_matches(key, TRAIN_KEYS, n=1, cutoff=0.8):
                 errors.append(f"train.{key} is not a setting of the trainer{_suggest(key, TRAIN_KEYS)}")
+        try:
+            parse_precision(train.get("precision", "fp32"), "train.precision")
+        except PrecisionError as e:
+            errors.append(str(e))
     if errors:
         raise ConfigError("\n".join(errors))
     return cfg

@@ -24,6 +24,7 @@ from detectron2.data import detection_utils as utils
 
 from .checkpoint import DABDETRCheckpointer
 from .engine import ModelEMA, resolve_device
+from .precision import resolve_precision
 from .user_errors import InputFileError, file_problem
 
 __all__ = ["Predictor", "ImageReadError", "load_lazy_config", "read_image_file"]
@@ -88,6 +89,8 @@ class Predictor:
             file, or no checkpoint at all, is an error (never a randomly initialized model).
         overrides: ``key=value`` config overrides, as on the command line.
         device: "cuda", "cpu", or None for CUDA when available, else CPU.
+        precision: "fp32", "bf16", "fp16" (CUDA only) or "auto" (``dab_detr.precision``); None:
+            the config's ``train.precision`` (fp32 when it has none).
 
     Calling it: ``predictor(image)`` with one image returns ``{"instances": Instances}``;
     ``predictor([image, ...])`` runs the images as one padded batch and returns one such dict per
@@ -102,7 +105,7 @@ class Predictor:
     """
 
     def __init__(self, config, checkpoint: Optional[str] = None, overrides: Sequence[str] = (),
-                 device: Optional[str] = None):
+                 device: Optional[str] = None, precision: Optional[str] = None):
         cfg = load_lazy_config(config, overrides)
         if checkpoint is None:
             checkpoint = cfg.get("train", {}).get("init_checkpoint", "")
@@ -119,20 +122,27 @@ class Predictor:
             ema.load_state_dict(extra["model_ema"])
             model.load_state_dict(ema.shadow, strict=False)
             logger.info("Predictor: using the EMA weights of %s", checkpoint)
-        self._setup(cfg, model)
+        self._setup(cfg, model, precision)
         self.checkpoint = str(checkpoint)
+        logger.info("Predictor: %s from %s on %s, precision %s", type(model).__name__, checkpoint,
+                    self.device, self.precision)
 
     @classmethod
-    def from_model(cls, cfg, model: torch.nn.Module) -> "Predictor":
+    def from_model(cls, cfg, model: torch.nn.Module, precision: Optional[str] = None) -> "Predictor":
         """A predictor around a model already in memory (e.g. just trained), on its device."""
         predictor = cls.__new__(cls)
-        predictor._setup(cfg, model)
+        predictor._setup(cfg, model, precision)
         predictor.checkpoint = None
         return predictor
 
-    def _setup(self, cfg, model):
+    def _setup(self, cfg, model, precision=None):
         self.cfg = cfg
         self.model = model.eval()
+        where = "precision"
+        if precision is None:
+            precision, where = cfg.get("train", {}).get("precision", "fp32"), "train.precision"
+        # the resolved setting: autocast dtype for the model's device (PrecisionError if unusable)
+        self.precision = resolve_precision(precision, self.device, where)
         self.input_format = getattr(model, "input_format", "RGB")
         if self.input_format not in ("RGB", "BGR"):
             raise ValueError(f"Predictor supports models with input_format 'RGB' or 'BGR', "
@@ -187,6 +197,7 @@ class Predictor:
         batch = [images] if single else list(images)
         if not batch:
             return []
-        with torch.no_grad():
-            outputs = self.model(self.prepare(batch, array_format))
+        inputs = self.prepare(batch, array_format)
+        with torch.no_grad(), self.precision.autocast():
+            outputs = self.model(inputs)
         return outputs[0] if single else outputs

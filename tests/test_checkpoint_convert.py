@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import load_tool, MODEL_CONFIG
-from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
 from reference_models import (COCO_IDS, original_checkpoint, original_to_detrex, original_to_hf,
                               random_detrex_checkpoint, random_original_state_dict)

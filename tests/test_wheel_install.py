@@ -12,10 +12,8 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import textwrap
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 

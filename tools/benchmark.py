@@ -9,13 +9,15 @@ Prints numbers, asserts nothing: performance targets live here, not in the tests
     python tools/benchmark.py --config-file configs/dab_detr_r50.py --groups --skip-train
     # the backbone through torch.compile (inference; falls back to eager if compilation fails)
     python tools/benchmark.py --config-file configs/dab_detr_r50.py --compare transformers --compile --skip-train
-    # GPU: images/s and peak memory, mixed precision (fp16 on CUDA, bf16 on CPU)
-    python tools/benchmark.py --config-file configs/dab_detr_r50.py --device cuda --amp --batch-size 2
+    # fp32 and bf16 inference, interleaved (says whether the CPU has native bf16)
+    python tools/benchmark.py --config-file configs/dab_detr_r50.py --precision fp32,bf16 --skip-train
+    # GPU: images/s and peak memory, mixed precision (fp16 on CUDA)
+    python tools/benchmark.py --config-file configs/dab_detr_r50.py --device cuda --precision fp16 --batch-size 2
     # onnxruntime beside PyTorch on the same image (exports a verified ONNX file first)
     python tools/benchmark.py --config-file configs/dab_detr_r50.py --onnxruntime --skip-train
 
 Every measurement runs ``--warmup`` untimed then ``--iters`` timed repetitions; with
-``--compare`` the two models alternate (ours, theirs, ours, ...) on the same input so that
+``--compare`` (and with several ``--precision`` names) the runs alternate (ours, theirs, ours, ...) on the same input so that
 machine noise hits both alike, and the medians are printed. GFLOP/s use fvcore's count of our
 inference forward (``dab_detr.analysis``; one multiply-add = one FLOP); a training step is
 counted as 3x the forward (the usual convention: the backward costs about twice the forward).
@@ -46,6 +48,7 @@ from detectron2.utils.events import EventStorage
 from dab_detr.analysis import analyze_model
 from dab_detr.checkpoint import load_command_line_weights
 from dab_detr.cpu_allocator import configure_cpu_allocator
+from dab_detr.precision import PRECISIONS, PrecisionError, cpu_has_native_bf16, cuda_has_native_bf16, resolve_precision
 from dab_detr.predictor import load_lazy_config
 from dab_detr.user_errors import exit_on_user_errors
 
@@ -259,6 +262,21 @@ def transformers_port(model, device):
     return port, port_inputs
 
 
+def benchmark_precisions(args, device):
+    """The resolved ``--precision`` list (``--amp`` / ``--amp-dtype``: the older spelling of one)."""
+    names = [n for n in args.precision.split(",") if n.strip()]
+    if args.amp:
+        dtype = args.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
+        names = ["fp16" if dtype == "float16" else "bf16"]
+    try:
+        precisions = [resolve_precision(n, device, "--precision") for n in names]
+    except PrecisionError as e:
+        sys.exit(f"benchmark: {e}")
+    if not precisions:
+        sys.exit("benchmark: --precision names no precision")
+    return precisions
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default="configs/common/models/dab_detr_r50.py")
@@ -270,9 +288,13 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
+    parser.add_argument("--precision", default="fp32",
+                        help=f"comma-separated precisions to time, interleaved: {', '.join(PRECISIONS)} "
+                             "(dab_detr/precision.py; fp16 is CUDA only), e.g. fp32,bf16 (default fp32)")
+    parser.add_argument("--amp", action="store_true",
+                        help="older spelling of --precision fp16 on CUDA, bf16 on CPU")
     parser.add_argument("--amp-dtype", choices=("float16", "bfloat16"), default=None,
-                        help="autocast dtype (default: float16 on CUDA, bfloat16 on CPU)")
+                        help="with --amp: older spelling of --precision fp16 / bf16")
     parser.add_argument("--compare", choices=("transformers",), default=None,
                         help="also time transformers' DabDetrForObjectDetection, interleaved with ours")
     parser.add_argument("--groups", action="store_true",
@@ -308,61 +330,73 @@ def main():
     load_command_line_weights(model, args.opts)  # random weights unless train.init_checkpoint=PATH is given
     g = torch.Generator().manual_seed(0)
     inputs = random_inputs(args.batch_size, args.height, args.width, model.num_classes, g)
-    if args.amp_dtype:
-        amp_dtype = getattr(torch, args.amp_dtype)
-    else:
-        amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp)  # noqa: E731
+    precisions = benchmark_precisions(args, device)
     memory = PeakMemory(device)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"config {args.config_file}  device {name}  input {args.batch_size}x3x{args.height}x{args.width}  "
-          f"amp {amp_dtype if args.amp else False}  torch {torch.__version__}")
+          f"precision {', '.join(str(p) for p in precisions)}  torch {torch.__version__}")
+    native = cuda_has_native_bf16(device) if device.type == "cuda" else cpu_has_native_bf16()
+    print(f"native bf16 on this {'GPU' if device.type == 'cuda' else 'CPU'}: {'yes' if native else 'no'}"
+          + ("" if native or device.type == "cuda" else " (no avx512_bf16 / amx_bf16: bf16 runs emulated, "
+             "slower than fp32)"))
     stats = analyze_model(model, args.height, args.width)
     gmacs = stats.flops * args.batch_size / 1e9
     print(f"fvcore count: {gmacs:.1f} GFLOPs per batch (inference forward; 1 multiply-add = 1 FLOP)")
 
-    def infer_ours():
-        with torch.no_grad(), autocast():
-            model(inputs)
+    def label(base, precision):  # one precision: the plain name, as before
+        return base if len(precisions) == 1 else f"{base} {precision.name}"
 
-    if args.compile:
-        infer_ours = compiled_inference(model, infer_ours)
+    def make_infer_ours(precision):
+        def infer_ours():
+            with torch.no_grad(), precision.autocast():
+                model(inputs)
+        return compiled_inference(model, infer_ours) if args.compile else infer_ours
 
     # torch's fused AdamW, as configs/common/optim.py trains (the same optimizer for the port)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda" and amp_dtype == torch.float16)
 
-    def train_ours():
-        with EventStorage(), autocast():
-            losses = model(inputs)
-        optimizer.zero_grad()
-        scaler.scale(sum(losses.values())).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    def make_train_ours(precision):
+        scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
 
-    infer, train = {"ours": infer_ours}, {"ours": train_ours}
+        def train_ours():
+            with EventStorage(), precision.autocast():
+                losses = model(inputs)
+            optimizer.zero_grad()
+            scaler.scale(sum(losses.values())).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return train_ours
+
+    infer = {label("ours", p): make_infer_ours(p) for p in precisions}
+    train = {label("ours", p): make_train_ours(p) for p in precisions}
+    infer_ours = next(iter(infer.values()))  # the first precision, for --groups
+    autocast = precisions[0].autocast
     port = None
     if args.compare == "transformers":
         torch.manual_seed(0)
         port, port_inputs = transformers_port(model, device)
         pixel_values, pixel_mask, labels = port_inputs(inputs)
         port_optimizer = torch.optim.AdamW([p for p in port.parameters() if p.requires_grad], lr=1e-5, fused=True)
-        port_scaler = torch.amp.GradScaler(device.type, enabled=scaler.is_enabled())
 
-        def infer_port():
-            with torch.no_grad(), autocast():
-                port(pixel_values=pixel_values, pixel_mask=pixel_mask)
+        def make_port(precision):
+            port_scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
 
-        def train_port():
-            with autocast():
-                loss = port(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
-            port_optimizer.zero_grad()
-            port_scaler.scale(loss).backward()
-            port_scaler.step(port_optimizer)
-            port_scaler.update()
+            def infer_port():
+                with torch.no_grad(), precision.autocast():
+                    port(pixel_values=pixel_values, pixel_mask=pixel_mask)
 
-        infer["transformers"], train["transformers"] = infer_port, train_port
+            def train_port():
+                with precision.autocast():
+                    loss = port(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
+                port_optimizer.zero_grad()
+                port_scaler.scale(loss).backward()
+                port_scaler.step(port_optimizer)
+                port_scaler.update()
+            return infer_port, train_port
+
+        for p in precisions:
+            infer[label("transformers", p)], train[label("transformers", p)] = make_port(p)
 
     def report(kind, fns, flops_factor, set_mode):
         set_mode()
@@ -387,9 +421,17 @@ def main():
                   f"{', '.join(f'{x * 1000:.0f}' for x in times[mode, n])}), {args.batch_size / t:6.2f} images/s, "
                   f"{flops_factor * gmacs / t:6.1f} GFLOP/s, peak memory {peaks[mode, n] / 2**30:.2f} GiB")
         for mode in allocator_modes:
-            if (mode, "transformers") in medians:
-                print(f"{kind:>13}  speed-up ours vs transformers ({mode} allocator): "
-                      f"{medians[mode, 'transformers'] / medians[mode, 'ours']:.2f}x")
+            for p in precisions:
+                ours, theirs = label("ours", p), label("transformers", p)
+                if (mode, theirs) in medians:
+                    print(f"{kind:>13}  speed-up {ours} vs {theirs} ({mode} allocator): "
+                          f"{medians[mode, theirs] / medians[mode, ours]:.2f}x")
+            for base in ("ours", "transformers"):
+                for p in precisions[1:]:
+                    if (mode, label(base, p)) in medians:
+                        reference = label(base, precisions[0])
+                        print(f"{kind:>13}  speed-up {base} {p.name} vs {precisions[0].name} ({mode} allocator): "
+                              f"{medians[mode, reference] / medians[mode, label(base, p)]:.2f}x")
 
     def eval_mode():
         model.eval()
@@ -422,7 +464,7 @@ def main():
             plain.load_state_dict(model.state_dict())
 
             def infer_plain():
-                with torch.no_grad(), autocast():
+                with torch.no_grad(), autocast():  # the first --precision
                     plain(inputs)
 
             runs.append(("fast_backbone=False", plain, infer_plain))

@@ -25,6 +25,7 @@ from dab_detr.config_checks import ConfigError, load_checked_config
 from dab_detr.cpu_allocator import configure_cpu_allocator
 from dab_detr.engine import LazyConfigTrainer, ModelEMA, resolve_device
 from dab_detr.engine.launch_env import launch_main
+from dab_detr.precision import PrecisionError, resolve_precision
 
 logger = logging.getLogger("dab_detr")
 
@@ -32,7 +33,9 @@ logger = logging.getLogger("dab_detr")
 def evaluate(cfg):
     """``--eval-only``: load ``train.init_checkpoint`` (and its EMA weights when the config
     enables EMA) and evaluate on ``dataloader.test``."""
-    model = instantiate(cfg.model).to(resolve_device(cfg.train.get("device", None)))
+    device = resolve_device(cfg.train.get("device", None))
+    resolve_precision(cfg.train.get("precision", "fp32"), device, "train.precision")  # fails before loading
+    model = instantiate(cfg.model).to(device)
     try:
         extra = DABDETRCheckpointer(model).load(cfg.train.init_checkpoint)
     except CheckpointError as e:  # a checkpoint that does not fit: the message says why and the fix
@@ -60,8 +63,14 @@ def main(args):
     if args.eval_only:
         if not cfg.train.init_checkpoint:
             raise SystemExit("--eval-only needs weights: add train.init_checkpoint=/path/to/model.pth")
-        return evaluate(cfg)
-    trainer = LazyConfigTrainer(cfg)
+        try:  # e.g. train.precision=fp16 on a CPU: one line naming the setting
+            return evaluate(cfg)
+        except PrecisionError as e:
+            raise SystemExit(f"error: {e}") from None
+    try:
+        trainer = LazyConfigTrainer(cfg)
+    except PrecisionError as e:
+        raise SystemExit(f"error: {e}") from None
     try:  # a missing or unfitting train.init_checkpoint: one line naming it
         trainer.resume_or_load(resume=args.resume)
     except CheckpointError as e:

@@ -32,6 +32,7 @@ from detectron2.utils.logger import setup_logger
 
 from dab_detr.cpu_allocator import configure_cpu_allocator
 from dab_detr.drawing import dataset_metadata, draw_detections
+from dab_detr.precision import PRECISIONS
 from dab_detr.predictor import ImageReadError, Predictor, read_image_file
 
 logger = logging.getLogger("dab_detr.predict")
@@ -51,6 +52,9 @@ def parse_args(argv=None):
     parser.add_argument("--json", metavar="FILE", help="write all detections as COCO results JSON")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (one padded batch)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: CUDA when available)")
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+                        help="fp32, bf16, fp16 (CUDA only) or auto (bf16 where the CPU/GPU has it natively, "
+                             "else fp32); default: the config's train.precision (fp32)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     args = parser.parse_args(argv)
     # `--input a.jpg train.init_checkpoint=m.pth`: argparse gives the override to --input
@@ -236,8 +240,8 @@ def main(argv=None):
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     try:  # a missing config or checkpoint, or no checkpoint given: one line, not a traceback
-        predictor = Predictor(args.config_file, overrides=args.opts, device=args.device)
-    except (FileNotFoundError, ValueError) as e:
+        predictor = Predictor(args.config_file, overrides=args.opts, device=args.device, precision=args.precision)
+    except (FileNotFoundError, ValueError) as e:  # PrecisionError (fp16 on a CPU) is a ValueError
         raise SystemExit(f"error: {e}")
     metadata = dataset_metadata(predictor.cfg)
     # loading the test dataset gives a custom dataset its class names, and the JSON its ids
@@ -249,10 +253,11 @@ def main(argv=None):
     if args.input:
         count, seconds = predict_images(predictor, args, metadata, coco)
         print(f"{count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.2f} images/s, "
-              f"batch {args.batch_size}, {predictor.device})")
+              f"batch {args.batch_size}, {predictor.device}, precision {predictor.precision})")
     if args.video_input:
         count, seconds = predict_video(predictor, args, metadata)
-        print(f"{count} frames in {seconds:.1f} s ({count / max(seconds, 1e-9):.2f} frames/s, {predictor.device})")
+        print(f"{count} frames in {seconds:.1f} s ({count / max(seconds, 1e-9):.2f} frames/s, {predictor.device}, "
+              f"precision {predictor.precision})")
     if coco is not None:
         coco.write(args.json)
         print(f"{len(coco.results)} detections written to {args.json}")

@@ -5,7 +5,11 @@ The LazyConfig has the five standard names: ``model``, ``dataloader`` (``train``
 ``train``. ``train`` holds, besides Detectron2's usual keys (``output_dir``, ``init_checkpoint``,
 ``max_iter``, ``eval_period``, ``log_period``, ``checkpointer``, ``ddp``, ``device``):
 
-- ``amp.enabled``: mixed precision (fp16 + gradient scaler on CUDA);
+- ``precision``: "fp32" (default), "bf16", "fp16" (CUDA only) or "auto" (bf16 where the CPU or
+  GPU has it natively, else fp32; ``dab_detr.precision``): the autocast of evaluation and of
+  training (bf16 trains without a gradient scaler, fp16 with one; losses and matching stay fp32);
+- ``amp.enabled``: the older switch: with ``precision=fp32``, training (not evaluation) runs under
+  autocast, fp16 + gradient scaler on CUDA, bf16 on CPU;
 - ``clip_grad.max_norm``: L2 gradient clipping of each optimizer step (0 disables);
 - ``grad_accumulation_steps``: optimizer steps accumulate this many data-loader batches
   (the effective batch is ``dataloader.train.total_batch_size * grad_accumulation_steps``);
@@ -34,6 +38,7 @@ from detectron2.utils import comm
 
 from ..checkpoint.training_checkpointer import TrainingCheckpointer
 from ..config_checks import check_config
+from ..precision import Precision, resolve_precision
 from ..data.resumable_loader import resumable_loader_from_config
 from .ema import EMAHook, ModelEMA
 from .rng_state import RNGState
@@ -41,7 +46,7 @@ from .preemption import preemption_hooks
 from .divergence import TrainingDivergedError
 from .train_loop import DETRTrainLoop
 
-__all__ = ["LazyConfigTrainer", "resolve_device"]
+__all__ = ["LazyConfigTrainer", "resolve_device", "training_precision"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +61,16 @@ def resolve_device(requested) -> str:
     return str(requested)
 
 
+def training_precision(train, device) -> Precision:
+    """The autocast of training steps: ``train.precision``, or with fp32 the older
+    ``train.amp.enabled`` (fp16 on CUDA, bf16 on CPU)."""
+    precision = resolve_precision(train.get("precision", "fp32"), device, "train.precision")
+    if not precision.is_reduced and train.get("amp", {}).get("enabled", False):
+        legacy = "fp16" if torch.device(device).type == "cuda" else "bf16"
+        precision = resolve_precision(legacy, device, "train.amp.enabled")
+    return precision
+
+
 def _unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -68,6 +83,9 @@ class LazyConfigTrainer(DefaultTrainer):
         check_config(cfg)
         train = cfg.train
         self.device = resolve_device(train.get("device", None))
+        # checked before anything is built: an unusable precision is a one-line error
+        self.precision = training_precision(train, self.device)
+        logger.info("Training precision: %s", self.precision)
         model = self.build_model(cfg)
         cfg.optimizer.params.model = model
         optimizer = instantiate(cfg.optimizer)
@@ -85,7 +103,7 @@ class LazyConfigTrainer(DefaultTrainer):
             grad_accumulation_steps=train.get("grad_accumulation_steps", 1),
             clip_grad_max_norm=train.get("clip_grad", {}).get("max_norm", 0.0)
             if train.get("clip_grad", {}).get("enabled", True) else 0.0,
-            amp=train.get("amp", {}).get("enabled", False),
+            amp=self.precision.is_reduced, amp_dtype=self.precision.dtype,
         )
         self.scheduler = instantiate(cfg.lr_multiplier)
         self.checkpointer = TrainingCheckpointer(
@@ -182,17 +200,22 @@ class LazyConfigTrainer(DefaultTrainer):
     @classmethod
     def test(cls, cfg, model, evaluators=None, ema=None):
         """Evaluate ``model`` (with the EMA weights if given) on ``dataloader.test`` with
-        ``dataloader.evaluator``. Returns the metrics dict (empty without a test set)."""
+        ``dataloader.evaluator``, under ``train.precision``. Returns the metrics dict (empty
+        without a test set)."""
         if "test" not in cfg.dataloader:
             return {}
         model = _unwrap(model)
+        device = next(model.parameters()).device
+        precision = resolve_precision(cfg.train.get("precision", "fp32"), device, "train.precision")
+        logger.info("Evaluating %s on %s in precision %s", type(model).__name__, device, precision)
         evaluator = evaluators if evaluators is not None else instantiate(cfg.dataloader.evaluator)
         data_loader = instantiate(cfg.dataloader.test)
-        if ema is not None:
-            with ema.apply_to(model):
+        with precision.autocast():  # thread-local: the model runs in this thread
+            if ema is not None:
+                with ema.apply_to(model):
+                    results = inference_on_dataset(model, data_loader, evaluator)
+            else:
                 results = inference_on_dataset(model, data_loader, evaluator)
-        else:
-            results = inference_on_dataset(model, data_loader, evaluator)
         if comm.is_main_process() and results:
             print_csv_format(results)
         return results

@@ -206,6 +206,12 @@ class SetCriterion(nn.Module):
             ``loss_giou_dn`` and the same with ``_0`` .. ``_{n-1}`` for the earlier layers.
             Metrics (detached, not losses): ``class_error`` (and ``class_error_dn``).
         """
+        # the losses and the matching in fp32, autocast off: the network may run under bf16/fp16
+        # autocast, the set loss never does (layer_losses casts the predictions to float)
+        with torch.autocast(outputs["pred_logits"].device.type, enabled=False):
+            return self._weighted_losses(outputs, targets)
+
+    def _weighted_losses(self, outputs: Dict, targets: List[Dict]):
         num_boxes = _num_boxes_across_processes(targets, outputs["pred_logits"].device)
         # the decoder layers (auxiliary first, the final output last) in one batched pass
         decoder_outputs = list(outputs.get("aux_outputs", [])) + [outputs]

@@ -17,6 +17,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import Boxes, ImageList, Instances
 
+from ..precision import run_in_fp32
 from .anchors import AnchorBoxes
 from .box_ops import inverse_sigmoid
 from .criterion import SetCriterion
@@ -347,9 +348,11 @@ class DABDETR(SetPredictionDetector):
             self.input_proj(features), mask if padded else None, image_pos, anchors, self.bbox_embed,
             matching_content=content, denoising=dn,
         )
-        logits = self.class_embed(hidden)
+        # the heads in fp32 under bf16/fp16 autocast: their rounding moved scores and boxes
+        # (dab_detr/precision.py); outside autocast these are the plain calls
+        logits = run_in_fp32(self.class_embed, hidden)
         # each layer's box is predicted relative to the anchor that layer started from
-        boxes = (self.bbox_embed(hidden) + inverse_sigmoid(references)).sigmoid()
+        boxes = (run_in_fp32(self.bbox_embed, hidden) + inverse_sigmoid(references)).sigmoid()
         logits, boxes, dn_outputs = split_denoising_outputs(logits, boxes, dn)
         outputs = {
             "pred_logits": logits[-1],

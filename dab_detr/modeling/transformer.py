@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..precision import run_in_fp32
 from .box_ops import inverse_sigmoid
 from .mlp import MLP
 from .position_encoding import anchor_sine_embedding
@@ -179,7 +180,18 @@ class DecoderLayer(nn.Module):
         v = self.sa_v_proj(tgt)
         tgt = self.norm1(tgt + self.dropout(self.self_attn(q, k, v, attn_mask=self_attn_mask)))
 
-        # 2. cross-attention to the image, content and position concatenated per head
+        # 2. cross-attention to the image, in fp32 under bf16/fp16 autocast: the query-key dot
+        # products locate the anchors, and their rounding moved boxes 4x more (precision.py)
+        tgt = run_in_fp32(self._cross_attention, tgt, memory, memory_padding_mask, image_pos, query_pos,
+                          query_sine_embed)
+
+        # 3. feed-forward
+        ffn = self.linear2(self.dropout(self.activation(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout(ffn))
+
+    def _cross_attention(self, tgt, memory, memory_padding_mask, image_pos, query_pos, query_sine_embed):
+        """Cross-attention to the image, content and position concatenated per head, with the
+        residual and norm2 (shapes as ``forward``) -> [B, Q, d]."""
         q_content = self.ca_qcontent_proj(tgt)
         k_content = self.ca_kcontent_proj(memory)
         v = self.ca_v_proj(memory)
@@ -189,11 +201,7 @@ class DecoderLayer(nn.Module):
             k_content = k_content + k_pos
         q = self._concat_heads(q_content, self.ca_qpos_sine_proj(query_sine_embed))
         k = self._concat_heads(k_content, k_pos)
-        tgt = self.norm2(tgt + self.dropout(self.cross_attn(q, k, v, memory_padding_mask)))
-
-        # 3. feed-forward
-        ffn = self.linear2(self.dropout(self.activation(self.linear1(tgt))))
-        return self.norm3(tgt + self.dropout(ffn))
+        return self.norm2(tgt + self.dropout(self.cross_attn(q, k, v, memory_padding_mask)))
 
 
 class DABDecoder(nn.Module):
@@ -267,7 +275,8 @@ class DABDecoder(nn.Module):
             output = layer(output, memory, memory_padding_mask, image_pos, query_pos, query_sine_embed, self_attn_mask)
 
             # anchor update from the un-normalized output (the original's choice)
-            new_reference = (bbox_embed(output) + inverse_sigmoid(reference, eps=self.anchor_update_eps)).sigmoid()
+            new_reference = (run_in_fp32(bbox_embed, output)
+                             + inverse_sigmoid(reference, eps=self.anchor_update_eps)).sigmoid()
             if layer_id < len(self.layers) - 1:
                 references.append(new_reference)
             reference = new_reference.detach()

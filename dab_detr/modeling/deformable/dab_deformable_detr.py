@@ -15,6 +15,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 
+from ...precision import run_in_fp32
 from ..anchors import AnchorBoxes
 from ..criterion import SetCriterion
 from ..dab_detr import SetPredictionDetector, criterion_from_config
@@ -268,7 +269,8 @@ class DABDeformableDETR(SetPredictionDetector):
                 anchors = torch.cat([dn.anchors_logit, anchors.expand(batch, -1, -1)], dim=1)
             out = self.transformer(srcs, masks, pos, self.bbox_embed, query_content=content, query_anchors=anchors,
                                    self_attn_mask=None if dn is None else dn.attn_mask)
-        logits = torch.stack([head(h) for head, h in zip(self.class_embed, out["hs"])])
+        # the class heads in fp32 under bf16/fp16 autocast, as the box heads (dab_detr/precision.py)
+        logits = torch.stack([run_in_fp32(head, h) for head, h in zip(self.class_embed, out["hs"])])
         boxes = out["boxes"]  # each layer's box head applied to its anchor, inside the decoder
         logits, boxes, dn_outputs = split_denoising_outputs(logits, boxes, dn)
         outputs = {
@@ -278,7 +280,7 @@ class DABDeformableDETR(SetPredictionDetector):
         }
         if self.transformer.two_stage:
             outputs["enc_outputs"] = {
-                "pred_logits": self.class_embed[-1](out["enc_memory"]),
+                "pred_logits": run_in_fp32(self.class_embed[-1], out["enc_memory"]),
                 "pred_boxes": out["enc_boxes"],
             }
         if dn_outputs is not None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ...precision import run_in_fp32
 from ..box_ops import inverse_sigmoid
 from ..mlp import MLP
 from ..position_encoding import anchor_sine_embedding
@@ -200,7 +201,8 @@ class DABDeformableDecoder(nn.Module):
             raw_query_pos = self.ref_point_head(anchor_sine_embedding(boxes_per_level[:, :, 0], self.d_model // 2))
             query_pos = raw_query_pos if k == 0 else self.query_scale(out) * raw_query_pos
             out = layer(out, query_pos, boxes_per_level, memory, spatial_shapes, memory_padding_mask, self_attn_mask)
-            new_boxes = (bbox_embed[k](out) + inverse_sigmoid(reference_boxes)).sigmoid()
+            # the box heads in fp32 under autocast: bf16 deltas moved the boxes (precision.py)
+            new_boxes = (run_in_fp32(bbox_embed[k], out) + inverse_sigmoid(reference_boxes)).sigmoid()
             hs.append(out)
             boxes.append(new_boxes)
             reference_boxes = new_boxes.detach()
@@ -367,8 +369,9 @@ class DABDeformableTransformer(nn.Module):
                     f"{_as_shape_list(spatial_shapes)}); use larger images or fewer proposals"
                 )
             output_memory, proposals = self.encoder_proposals(memory, mask_flatten, spatial_shapes)
-            scores = proposal_class_embed(output_memory).max(-1)[0]
-            coords_logit = proposal_bbox_embed(output_memory) + proposals
+            # scored and refined in fp32 under autocast: bf16 scores would tie in the top-k
+            scores = run_in_fp32(proposal_class_embed, output_memory).max(-1)[0]
+            coords_logit = run_in_fp32(proposal_bbox_embed, output_memory) + proposals
             topk = torch.topk(scores, self.two_stage_num_proposals, dim=1)[1]
             topk_coords_logit = torch.gather(coords_logit, 1, topk[..., None].expand(-1, -1, 4))
             reference_boxes = topk_coords_logit.detach().sigmoid()
