@@ -23,6 +23,9 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.data import detection_utils as utils
 
 from .checkpoint import DABDETRCheckpointer
+from .config_checks import ConfigError, apply_checked_overrides
+from .data.image_reading import read_image_8bit
+from .model_zoo import resolve_config_file
 from .engine import ModelEMA, resolve_device
 from .precision import resolve_precision
 from .user_errors import InputFileError, file_problem
@@ -39,20 +42,26 @@ class ImageReadError(ValueError):
 
 
 def load_lazy_config(config, overrides: Sequence[str] = ()):
-    """A LazyConfig from a path (or an already loaded config, copied) with ``key=value`` overrides."""
+    """A LazyConfig from a path (or an already loaded config, copied) with ``key=value`` overrides.
+
+    A path that is not there but names a model-zoo config (``configs/dab_detr_r50.py`` outside the
+    repository) is that config (``dab_detr.model_zoo``); an override of a key that does not exist
+    is refused with the nearest names (``ConfigError``), as the training tool refuses it."""
     if isinstance(config, (str, os.PathLike)):
-        problem = file_problem(config)
-        if problem:
-            raise InputFileError(f"config file {config} {problem}")
-        cfg = LazyConfig.load(str(config))
+        try:
+            path = resolve_config_file(os.fspath(config))
+        except ConfigError as e:
+            raise InputFileError(str(e)) from None
+        cfg = LazyConfig.load(path)
     else:
         cfg = config.copy()  # never edit the caller's config
-    return LazyConfig.apply_overrides(cfg, list(overrides))
+    return apply_checked_overrides(cfg, list(overrides))
 
 
 def read_image_file(path, image_format: str = "RGB") -> np.ndarray:
     """An image file as an [H, W, 3] uint8 array in ``image_format`` ("RGB" or "BGR"), EXIF
-    orientation applied (Detectron2's ``read_image``, as the data loaders read it).
+    orientation applied, 16-bit grayscale scaled to 8 bits: the data mapper's reader
+    (``read_image_8bit``), so a file gives the detections of ``--eval-only``.
 
     Raises ``ImageReadError`` naming the file when it is missing or not a readable image.
     """
@@ -61,7 +70,7 @@ def read_image_file(path, image_format: str = "RGB") -> np.ndarray:
     if problem:
         raise ImageReadError(f"image file {path} {problem}")
     try:
-        return utils.read_image(path, format=image_format)
+        return read_image_8bit(path, format=image_format)
     except Exception as e:  # PIL.UnidentifiedImageError, truncated files, ...
         raise ImageReadError(f"cannot read {path} as an image: {type(e).__name__}: {e}") from e
 

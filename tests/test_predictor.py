@@ -201,3 +201,20 @@ def test_missing_checkpoint_and_bad_inputs(checkpoints, tmp_path):
         predictor(str(tmp_path / "missing.png"))
     with pytest.raises(TypeError, match="got int"):
         predictor(3)
+
+
+def test_sixteen_bit_png_is_read_as_the_data_mapper_reads_it(tmp_path):
+    """Detectron2's read_image clips 16-bit grayscale at 255 (an almost white image); the predictor
+    reads files with the mapper's reader, which scales them, so prediction and --eval-only see the
+    same pixels."""
+    from dab_detr.data.image_reading import read_image_8bit
+    from dab_detr.predictor import read_image_file
+
+    values = np.linspace(0, 65535, 24 * 32).reshape(24, 32).astype(np.uint16)
+    path = str(tmp_path / "depth16.png")
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I")
+    image = read_image_file(path, "RGB")
+    np.testing.assert_array_equal(image, read_image_8bit(path, "RGB"))
+    assert image.shape == (24, 32, 3) and image.dtype == np.uint8
+    assert image.min() == 0 and image.max() == 255 and 100 < image.mean() < 155, image.mean()  # scaled, not clipped
