@@ -1,7 +1,7 @@
 """The deployable program: one image in, the top-k detections out, everything in between inside.
 
 :class:`DeploymentModel` wraps a trained ``DABDETR`` or ``DABDeformableDETR`` (any
-:class:`~dab_detr.modeling.dab_detr.SetPredictionDetector`) into a module whose forward is what an
+:class:`~dab_detr.modeling.set_prediction_detector.SetPredictionDetector`) into a module whose forward is what an
 exported file computes. It reproduces the detector's Detectron2 inference path for one image
 without Detectron2 structures: normalization, zero padding to the backbone's size divisibility,
 the padding mask, the network, the top-k over (query, class) pairs and the scaling of the boxes
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..modeling.dab_detr import SetPredictionDetector
+from ..modeling.set_prediction_detector import SetPredictionDetector
 from ..modeling.postprocess import select_top_k
 
 __all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "DeploymentModel", "NotExportableError"]

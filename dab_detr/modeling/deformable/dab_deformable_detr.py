@@ -2,7 +2,7 @@
 
 The network core (multi-level inputs, deformable transformer, per-layer heads) is here; the
 Detectron2 side (image batching, padding masks, targets from ``Instances``, loss logging, results
-as ``Instances``) is DAB-DETR's: both inherit :class:`~dab_detr.modeling.dab_detr.SetPredictionDetector`.
+as ``Instances``) is DAB-DETR's: both inherit :class:`~dab_detr.modeling.set_prediction_detector.SetPredictionDetector`.
 """
 import copy
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -18,7 +18,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from ...precision import run_in_fp32
 from ..anchors import AnchorBoxes
 from ..criterion import SetCriterion
-from ..dab_detr import SetPredictionDetector, criterion_from_config
+from ..set_prediction_detector import SetPredictionDetector, criterion_from_config
 from ..denoising import build_denoising_queries, denoising_settings, split_denoising_outputs
 from ..mlp import MLP
 from ..position_encoding import PositionEmbeddingSine
