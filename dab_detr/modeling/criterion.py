@@ -75,36 +75,20 @@ class SetCriterion(nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
 
-    def single_output_losses(
-        self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, targets: List[Dict], num_boxes: float
-    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-        """Unweighted losses of one output.
-
-        Args:
-            pred_logits: [B, Q, C]; pred_boxes: [B, Q, 4] normalized (cx, cy, w, h).
-            targets: B dicts with ``labels`` [N_k] int64 and ``boxes`` [N_k, 4] normalized (cx, cy, w, h).
-            num_boxes: the normalizer.
-
-        Returns:
-            (losses, metrics): losses ``loss_class``, ``loss_bbox``, ``loss_giou`` (scalars);
-            metrics ``class_error`` (percent of matched queries whose top class is wrong).
-        """
-        losses, metrics = self.layer_losses(pred_logits[None], pred_boxes[None], targets, num_boxes)
-        return {name: value[0] for name, value in losses.items()}, metrics
-
     def layer_losses(
         self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, targets: List[Dict], num_boxes: float
     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         """Unweighted losses of L outputs at once (the decoder layers), each matched on its own.
 
-        The same losses as ``single_output_losses`` on each layer, computed as one batched pass
-        over all layers (one matching cost, one focal loss, one gather of the matched boxes)
+        The losses of each layer as if computed on that layer alone, in one batched pass over
+        all layers (one matching cost, one focal loss, one gather of the matched boxes)
         instead of one pass per layer: the small-tensor work of the set loss is a large part of
         a training step on small models.
 
         Args:
             pred_logits: [L, B, Q, C]; pred_boxes: [L, B, Q, 4] normalized (cx, cy, w, h).
-            targets, num_boxes: as ``single_output_losses``.
+            targets: B dicts with ``labels`` [N_k] int64 and ``boxes`` [N_k, 4] normalized (cx, cy, w, h).
+            num_boxes: the normalizer.
 
         Returns:
             (losses, metrics): ``loss_class``, ``loss_bbox``, ``loss_giou`` as [L] tensors;
