@@ -251,6 +251,25 @@ def test_build_model_from_yacs_config():
     assert len(out[0]["instances"]) == 42 and out[0]["instances"].pred_classes.max() < 3
 
 
+def test_yacs_switches_the_fast_backbone_off():
+    """MODEL.<detector>.FAST_BACKBONE reaches the model: False keeps Detectron2's convolutions as
+    built; True (the default) runs each conv + FrozenBatchNorm2d as one FrozenBNConv2d."""
+    from dab_detr.modeling.deformable import add_dab_deformable_detr_config
+    from dab_detr.modeling.frozen_bn_folding import FrozenBNConv2d
+
+    for add, node in [(add_dab_detr_config, "DAB_DETR"), (add_dab_deformable_detr_config, "DAB_DEFORMABLE_DETR")]:
+        counts = {}
+        for fast in (True, False):
+            cfg = add(get_cfg())
+            cfg.MODEL.RESNETS.DEPTH = 18
+            cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+            cfg.MODEL[node].update(HIDDEN_DIM=32, DIM_FEEDFORWARD=64, ENC_LAYERS=1, DEC_LAYERS=1, FAST_BACKBONE=fast)
+            cfg.MODEL.DEVICE = "cpu"
+            model = build_model(cfg)
+            counts[fast] = sum(isinstance(m, FrozenBNConv2d) for m in model.backbone.modules())
+        assert counts[True] == 20 and counts[False] == 0, (node, counts)  # R18: 20 convs with frozen BN
+
+
 def test_lazyconfig_model_instantiates_with_the_paper_size():
     model = instantiate(LazyConfig.load(MODEL_CONFIG).model)
     n = sum(p.numel() for p in model.parameters())

@@ -7,8 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec
-from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone
 
 from ..precision import run_in_fp32
 from .anchors import AnchorBoxes
@@ -17,7 +16,7 @@ from .criterion import SetCriterion
 from .denoising import build_denoising_queries, denoising_settings, matching_content, split_denoising_outputs
 from .mlp import MLP
 from .position_encoding import PositionEmbeddingSine
-from .set_prediction_detector import SetPredictionDetector, criterion_from_config
+from .set_prediction_detector import SetPredictionDetector, criterion_from_config, shared_from_config
 from .transformer import DABTransformer
 
 __all__ = ["DABDETR", "SetPredictionDetector", "criterion_from_config"]  # the last two re-exported
@@ -124,20 +123,10 @@ class DABDETR(SetPredictionDetector):
             num_pos_feats=c.HIDDEN_DIM // 2, temperature_h=c.PE_TEMPERATURE_H, temperature_w=c.PE_TEMPERATURE_W,
         )
         return {
-            "backbone": build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN))),
+            **shared_from_config(cfg, c),
             "in_feature": c.IN_FEATURE,
             "position_embedding": position_embedding,
             "transformer": transformer,
-            "criterion": criterion_from_config(c),
-            "num_classes": c.NUM_CLASSES,
-            "num_queries": c.NUM_QUERIES,
-            "aux_loss": c.AUX_LOSS,
-            "random_refpoints_xy": c.RANDOM_REFPOINTS_XY,
-            "freeze_anchor_xy": c.FREEZE_ANCHOR_XY,
-            "select_box_nums_for_evaluation": c.NUM_SELECT,
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
-            "input_format": cfg.INPUT.FORMAT,
         }
 
     # ------------------------------------------------------------------ core

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torchvision.ops import box_convert
 
-from detectron2.modeling import Backbone
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import Backbone, build_backbone
 from detectron2.structures import Boxes, ImageList, Instances
 
 from .criterion import SetCriterion
@@ -25,11 +26,11 @@ from .postprocess import select_top_k
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SetPredictionDetector", "criterion_from_config"]
+__all__ = ["SetPredictionDetector", "criterion_from_config", "shared_from_config"]
 
 
 def criterion_from_config(c) -> SetCriterion:
-    """The set loss from the yacs keys that ``dab_detr.config.add_set_loss_config`` adds."""
+    """The set loss from the yacs keys of ``dab_detr.config.SHARED_KEYS``."""
     matcher = HungarianMatcher(cost_class=c.COST_CLASS, cost_bbox=c.COST_BBOX, cost_giou=c.COST_GIOU,
                                alpha=c.FOCAL_ALPHA, gamma=c.FOCAL_GAMMA)
     return SetCriterion(
@@ -37,6 +38,24 @@ def criterion_from_config(c) -> SetCriterion:
         weight_dict={"loss_class": c.CLASS_WEIGHT, "loss_bbox": c.BBOX_WEIGHT, "loss_giou": c.GIOU_WEIGHT},
         focal_alpha=c.FOCAL_ALPHA, focal_gamma=c.FOCAL_GAMMA,
     )
+
+
+def shared_from_config(cfg, c) -> dict:
+    """The constructor arguments both detectors read from a yacs config (``c``: their node)."""
+    return {
+        "backbone": build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN))),
+        "criterion": criterion_from_config(c),
+        "num_classes": c.NUM_CLASSES,
+        "num_queries": c.NUM_QUERIES,
+        "aux_loss": c.AUX_LOSS,
+        "random_refpoints_xy": c.RANDOM_REFPOINTS_XY,
+        "freeze_anchor_xy": c.FREEZE_ANCHOR_XY,
+        "select_box_nums_for_evaluation": c.NUM_SELECT,
+        "fast_backbone": c.FAST_BACKBONE,
+        "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+        "pixel_std": cfg.MODEL.PIXEL_STD,
+        "input_format": cfg.INPUT.FORMAT,
+    }
 
 
 class SetPredictionDetector(nn.Module):

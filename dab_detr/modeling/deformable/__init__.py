@@ -2,7 +2,7 @@
 
 Importing this package registers ``DABDeformableDETR`` in Detectron2's ``META_ARCH_REGISTRY``.
 """
-from .config import add_dab_deformable_detr_config
+from ...config import add_dab_deformable_detr_config
 from .dab_deformable_detr import DABDeformableDETR
 from .deformable_transformer import DABDeformableTransformer
 from .ms_deform_attn import MSDeformAttn, multi_scale_deformable_attention

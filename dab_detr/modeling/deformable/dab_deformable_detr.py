@@ -12,13 +12,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec
-from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone
 
 from ...precision import run_in_fp32
 from ..anchors import AnchorBoxes
 from ..criterion import SetCriterion
-from ..set_prediction_detector import SetPredictionDetector, criterion_from_config
+from ..set_prediction_detector import SetPredictionDetector, shared_from_config
 from ..denoising import build_denoising_queries, denoising_settings, split_denoising_outputs
 from ..mlp import MLP
 from ..position_encoding import PositionEmbeddingSine
@@ -184,21 +183,11 @@ class DABDeformableDETR(SetPredictionDetector):
             num_pos_feats=c.HIDDEN_DIM // 2, temperature_h=10000.0, temperature_w=10000.0, offset=-0.5
         )
         return {
-            "backbone": build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN))),
+            **shared_from_config(cfg, c),
             "in_features": c.IN_FEATURES,
             "position_embedding": position_embedding,
             "transformer": transformer,
-            "criterion": criterion_from_config(c),
-            "num_classes": c.NUM_CLASSES,
-            "num_queries": c.NUM_QUERIES,
             "num_patterns": c.NUM_PATTERNS,
-            "aux_loss": c.AUX_LOSS,
-            "random_refpoints_xy": c.RANDOM_REFPOINTS_XY,
-            "freeze_anchor_xy": c.FREEZE_ANCHOR_XY,
-            "select_box_nums_for_evaluation": c.NUM_SELECT,
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
-            "input_format": cfg.INPUT.FORMAT,
         }
 
     def queries(self):
