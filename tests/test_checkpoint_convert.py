@@ -315,3 +315,20 @@ def test_unreadable_inputs_are_reported(tmp_path):
         convert_checkpoint_file(_save({"state_dict": {}}, tmp_path / "x.pth"), None, "original")
     with pytest.raises(CheckpointError, match="not tensors"):
         convert_state_dict({"input_proj.weight": [1, 2]}, "original")
+
+
+def test_config_check_of_the_converter(original_sd, tmp_path, capsys):
+    """``--config``: the converted weights against the model that config builds (meta device), with
+    the checkpoint-fit message when they do not fit; nothing is written then."""
+    src = _save(original_checkpoint(original_sd), tmp_path / "checkpoint.pth")
+    out = tmp_path / "converted.pth"
+    assert convert_main(["--source", "original", src, str(out), "--config", "configs/dab_detr_r50.py"]) == 0
+    assert out.is_file()
+    capsys.readouterr()
+    wrong = tmp_path / "wrong.pth"
+    with pytest.raises(SystemExit) as e:
+        convert_main(["--source", "original", src, str(wrong), "--config", "configs/dab_detr_r101.py"])
+    message = str(e.value.code)
+    assert message.startswith("error: checkpoint (converted) does not fit the model of configs/dab_detr_r101.py")
+    assert "255 missing key(s)" in message and "backbone.res4.10.conv1.weight" in message, message
+    assert "R50 vs R101" in message and not wrong.exists()

@@ -24,22 +24,23 @@ import os
 import sys
 
 from dab_detr.checkpoint import LAYOUTS, SOURCES, CheckpointError, convert_checkpoint_file
+from dab_detr.checkpoint.fit_check import compare_state_dicts, explain_misfit
 from dab_detr.predictor import load_lazy_config
 from dab_detr.user_errors import InputFileError, exit_on_user_errors, file_problem, output_problem
 
 
 def _check_against_config(state_dict, config_file, overrides):
+    """The converted weights against the model ``config_file`` builds (on the meta device: no
+    memory), with the checkpoint-fit check's message (keys, likely cause, fix)."""
+    import torch
     from detectron2.config import instantiate
 
-    model = instantiate(load_lazy_config(config_file, overrides).model)
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(ours) - set(state_dict))
-    extra = sorted(set(state_dict) - set(ours))
-    wrong = [f"{k}: {tuple(state_dict[k].shape)} vs {ours[k]}" for k in sorted(set(ours) & set(state_dict))
-             if tuple(state_dict[k].shape) != ours[k]]
-    if missing or extra or wrong:
-        raise CheckpointError(f"the converted weights do not fit the model of {config_file} {' '.join(overrides)}: "
-                              f"missing {missing}, extra {extra}, shape mismatches {wrong}")
+    with torch.device("meta"):
+        model = instantiate(load_lazy_config(config_file, overrides).model).state_dict()
+    report = compare_state_dicts(state_dict, model)
+    if report.missing or report.unexpected or report.mismatched:
+        name = f"{config_file} {' '.join(overrides)}".strip()
+        raise CheckpointError(explain_misfit(report, state_dict, model, "(converted)", f"model of {name}"))
 
 
 def convert(args):
