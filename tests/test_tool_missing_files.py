@@ -108,6 +108,7 @@ MISSING_INPUT = {
                                        "error: config file {x} does not exist"),
     ("lazyconfig_train_net", "config"): (lambda x, m, tmp: ["--config-file", x],
                                          "error: config file {x} does not exist"),
+    ("demo", "config"): (lambda x, m, tmp: ["--config-file", x, "--eval-only"], "error: config file {x} does not exist"),
 }
 
 

@@ -17,15 +17,17 @@ import os
 import time
 
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog
 from detectron2.engine import default_setup
 from detectron2.utils.logger import setup_logger
 
 from dab_detr.checkpoint import DABDETRCheckpointer
+from dab_detr.config_checks import load_checked_config
 from dab_detr.drawing import dataset_metadata, draw_detections
 from dab_detr.engine import LazyConfigTrainer
 from dab_detr.predictor import Predictor, read_image_file
+from dab_detr.user_errors import exit_on_user_errors
 
 logger = logging.getLogger("dab_detr.demo")
 
@@ -56,7 +58,8 @@ def main():
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     args = parser.parse_args()
 
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    with exit_on_user_errors():  # a missing config or an override typo: one line naming it
+        cfg = load_checked_config(args.config_file, args.opts)
     out = cfg.train.output_dir
     default_setup(cfg, args)  # loggers, seed, config.yaml in the output folder
     setup_logger(out, name="dab_detr")
@@ -64,7 +67,8 @@ def main():
     start = time.perf_counter()
     if args.eval_only:
         model = instantiate(cfg.model)
-        DABDETRCheckpointer(model).load(os.path.join(out, "model_final.pth"))
+        with exit_on_user_errors():  # no demo checkpoint yet: say so
+            DABDETRCheckpointer(model).load(os.path.join(out, "model_final.pth"))
         train_seconds = 0.0
     else:
         trainer = LazyConfigTrainer(cfg)
