@@ -365,9 +365,10 @@ def test_cli_converts_the_original_v2_checkpoint_and_it_loads_strictly(checkpoin
     assert set(converted) == set(model.state_dict())
     for k, v in model.state_dict().items():
         assert torch.equal(v, converted[k]), k
-    # the wrong --source is refused, naming the right one
-    assert _convert_cli()(["--source", "detrex", str(src), str(out)]) == 1
-    assert "use --source original" in capsys.readouterr().err
+    # the wrong --source is refused, naming the right one (one message, exit status 1)
+    with pytest.raises(SystemExit, match=r"^error: .* is a original DAB-Deformable-DETR checkpoint, but --source "
+                                         r"is detrex; use --source original"):
+        _convert_cli()(["--source", "detrex", str(src), str(out)])
 
 
 def test_cli_lists_missing_and_mis_shaped_deformable_keys(checkpoint, tmp_path, capsys):
@@ -376,8 +377,9 @@ def test_cli_lists_missing_and_mis_shaped_deformable_keys(checkpoint, tmp_path, 
     broken["tgt_embed.weight"] = torch.zeros(300, 128)
     src = tmp_path / "broken.pth"
     torch.save({"model": broken}, src)
-    assert _convert_cli()(["--source", "original", str(src), str(tmp_path / "out.pth")]) == 1
-    err = capsys.readouterr().err
-    assert "1 missing key(s)" in err and "transformer.level_embed" in err
+    with pytest.raises(SystemExit) as stop:  # one message, exit status 1
+        _convert_cli()(["--source", "original", str(src), str(tmp_path / "out.pth")])
+    err = stop.value.code
+    assert err.startswith("error: cannot convert") and "1 missing key(s)" in err and "transformer.level_embed" in err
     assert "tgt_embed.weight: checkpoint (300, 128), model (300, 256)" in err
     assert not (tmp_path / "out.pth").exists()

@@ -150,7 +150,7 @@ def test_video_every_frame_drawn(trained, tmp_path):
     (tmp_path / "fake.mp4").write_text("not a video")
     with pytest.raises(SystemExit, match="fake.mp4: OpenCV cannot open this video"):
         run_predict(trained, "--video-input", str(tmp_path / "fake.mp4"))
-    with pytest.raises(SystemExit, match="missing.png: no such file"):
+    with pytest.raises(SystemExit, match="missing.png does not exist"):
         run_predict(trained, "--input", str(tmp_path / "missing.png"))
 
 
