@@ -19,15 +19,12 @@ deformable sampling (``grid_sample`` is float32 under CPU autocast) and the loss
         outputs = model(inputs)
 """
 import contextlib
-import logging
 from dataclasses import dataclass
 
 import torch
 
 __all__ = ["PRECISIONS", "Precision", "PrecisionError", "cpu_has_native_bf16", "cuda_has_native_bf16",
            "parse_precision", "resolve_precision", "run_in_fp32"]
-
-logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -79,7 +76,8 @@ def cuda_has_native_bf16(device=None) -> bool:
     """Whether the CUDA device computes in bf16 natively (compute capability >= 8.0)."""
     if not torch.cuda.is_available():
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 8
+    with torch.cuda.device(device if device is not None else torch.cuda.current_device()):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 @dataclass(frozen=True)

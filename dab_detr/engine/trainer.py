@@ -23,6 +23,7 @@ applied (``dab_detr.engine.divergence``), and the checkpoint that step started f
 one) is renamed to ``.suspect``, ``last_checkpoint`` naming the newest one a finite step followed; the data loader's position and the random state are part
 of the checkpoint, so a resumed run continues the same run (``dab_detr.data.resumable_loader``).
 """
+import contextlib
 import logging
 import os
 import weakref
@@ -210,12 +211,9 @@ class LazyConfigTrainer(DefaultTrainer):
         logger.info("Evaluating %s on %s in precision %s", type(model).__name__, device, precision)
         evaluator = evaluators if evaluators is not None else instantiate(cfg.dataloader.evaluator)
         data_loader = instantiate(cfg.dataloader.test)
-        with precision.autocast():  # thread-local: the model runs in this thread
-            if ema is not None:
-                with ema.apply_to(model):
-                    results = inference_on_dataset(model, data_loader, evaluator)
-            else:
-                results = inference_on_dataset(model, data_loader, evaluator)
+        weights = ema.apply_to(model) if ema is not None else contextlib.nullcontext()
+        with precision.autocast(), weights:  # autocast is thread-local: the model runs in this thread
+            results = inference_on_dataset(model, data_loader, evaluator)
         if comm.is_main_process() and results:
             print_csv_format(results)
         return results

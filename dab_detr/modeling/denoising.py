@@ -115,12 +115,10 @@ def denoising_attention_mask(groups: int, group_size: int, num_matching: int, de
     """
     pad_size = groups * group_size
     total = pad_size + num_matching
+    group = torch.arange(pad_size, device=device) // max(group_size, 1)  # each denoising slot's group
     mask = torch.zeros(total, total, dtype=torch.bool, device=device)
+    mask[:pad_size, :pad_size] = group[:, None] != group[None, :]
     mask[pad_size:, :pad_size] = True
-    for g in range(groups):
-        rows = slice(g * group_size, (g + 1) * group_size)
-        mask[rows, : g * group_size] = True
-        mask[rows, (g + 1) * group_size: pad_size] = True
     return mask
 
 
