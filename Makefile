@@ -13,8 +13,11 @@ setup:
 setup-core:
 	@bash tools/setup_env.sh --core
 
+# the suite in two pytest-xdist workers, one test file per worker at a time (a file's fixtures are
+# built once); JOBS=1 runs it in this process
+JOBS ?= 2
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(JOBS) --dist loadfile tests
 
 demo: setup-core
 	$(PY) tools/demo.py

@@ -48,7 +48,7 @@ setup(
         # the independent reference for the parity tests, its weight formats and real photographs,
         # and every optional extra
         "test": [
-            "pytest", "transformers==5.23.0", "timm==1.0.31", "safetensors==0.8.0", "scikit-image==0.26.0",
+            "pytest", "pytest-xdist", "transformers==5.23.0", "timm==1.0.31", "safetensors==0.8.0", "scikit-image==0.26.0",
             "onnx==1.23.2", "onnxruntime==1.31.1", "onnxscript==0.7.2", "submitit==1.5.4",
         ],
     },

@@ -13,6 +13,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the tools run in-process by some tests would switch this whole test process's malloc to keeping
 # freed memory (dab_detr/cpu_allocator.py); tests/test_cpu_allocator.py checks that in subprocesses
 os.environ["DAB_DETR_CPU_ALLOCATOR"] = "system"
+# under pytest-xdist (`make test` runs two workers) each worker and the tools it starts use one
+# intra-op thread per core it owns instead of all cores: two workers x all cores would oversubscribe
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(_threads)
 
 
 def load_tool(name: str):

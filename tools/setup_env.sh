@@ -35,7 +35,7 @@ D2_SPEC="sal-detectron2==0.7.2"
 # (opencv: Detectron2's Visualizer, which draws the demo's predictions)
 D2_DEPS=(fvcore iopath pycocotools omegaconf hydra-core termcolor yacs tabulate cloudpickle
          tqdm matplotlib tensorboard scipy "Pillow" "numpy" opencv-python-headless)
-TOOLS=("setuptools<81" pytest)
+TOOLS=("setuptools<81" pytest "pytest-xdist")
 # test-only: the independent reference implementation (transformers' DAB-DETR and Deformable DETR
 # ports), its weight formats, and real photographs for the parity tests (scikit-image's data)
 # (timm: transformers' DAB-DETR backbone, which follows torchvision's names and DC5 rule)
@@ -77,7 +77,7 @@ CORE_CHECK="
 import importlib.metadata as m, importlib.util as u, os, sys
 assert m.version('torch') == '2.15.0' and m.version('torchvision') == '0.29.2'
 for mod in ('fvcore', 'iopath', 'pycocotools', 'omegaconf', 'hydra', 'termcolor', 'yacs', 'tabulate', 'cloudpickle',
-            'tqdm', 'matplotlib', 'tensorboard', 'scipy', 'PIL', 'numpy', 'pytest', 'pkg_resources', 'cv2'):
+            'tqdm', 'matplotlib', 'tensorboard', 'scipy', 'PIL', 'numpy', 'pytest', 'xdist', 'pkg_resources', 'cv2'):
     assert u.find_spec(mod) is not None, mod
 import detectron2.modeling, detectron2.engine, torchvision.ops, dab_detr
 assert os.path.realpath(os.path.dirname(dab_detr.__file__)) == os.path.realpath('$ROOT/dab_detr')
@@ -111,7 +111,7 @@ mods = {"fvcore": "fvcore", "iopath": "iopath", "pycocotools": "pycocotools", "o
         "hydra": "hydra-core", "termcolor": "termcolor", "yacs": "yacs", "tabulate": "tabulate",
         "cloudpickle": "cloudpickle", "tqdm": "tqdm", "matplotlib": "matplotlib",
         "tensorboard": "tensorboard", "scipy": "scipy", "PIL": "Pillow", "numpy": "numpy",
-        "pytest": "pytest", "pkg_resources": "setuptools<81", "cv2": "opencv-python-headless"}
+        "pytest": "pytest", "xdist": "pytest-xdist", "pkg_resources": "setuptools<81", "cv2": "opencv-python-headless"}
 print(" ".join(sorted({v for k, v in mods.items() if u.find_spec(k) is None})))
 PYEOF
 )
